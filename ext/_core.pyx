@@ -1,0 +1,1036 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# Compiled data plane of zeroline: Docker-copier line cutting, seed/msgpack framing and batched
+# ZeroMQ multipart send/receive, with the GIL released. Its pure-Python twin and readable
+# specification is src/zeroline/_core_py.py; both must produce the same bytes.
+#
+# libzmq is never linked: at import we find the libzmq that pyzmq's own extension module already
+# loaded (dlopen RTLD_NOLOAD of its file, then dlsym through that handle, which searches its
+# dependencies) and call it through function pointers, so there is one libzmq in the process.
+
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport int64_t, uint32_t, uint64_t, int32_t
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memchr, memcpy, memmove
+from libc.errno cimport errno, EAGAIN, EINTR
+
+import os
+
+from zeroline._core_py import Message, Partial, DEFAULT_LINE_BUFFER, SOURCES, FRAMINGS
+from zeroline.errors import ConfigError, TransportError
+
+import msgpack
+import zmq
+
+IMPLEMENTATION = "cython"
+
+cdef extern from "<dlfcn.h>" nogil:
+    void *dlopen(const char *filename, int flags)
+    void *dlsym(void *handle, const char *symbol)
+    char *dlerror()
+    int RTLD_NOW
+    int RTLD_NOLOAD
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    int CLOCK_REALTIME
+
+cdef extern from "<sys/random.h>" nogil:
+    ssize_t getrandom(void *buf, size_t buflen, unsigned int flags)
+
+cdef extern from "<unistd.h>" nogil:
+    int getpid()
+
+
+# ---------------------------------------------------------------------------------------------
+# libzmq, declared here (pyzmq wheels ship no zmq.h) and resolved at import.
+
+ctypedef union zl_zmq_msg:
+    unsigned char raw[64]       # zmq_msg_t is 64 opaque bytes, pointer-aligned
+    void *align_p
+    double align_d
+
+ctypedef struct zl_pollitem:
+    void *socket
+    int fd
+    short events
+    short revents
+
+ctypedef void (*fn_version)(int *, int *, int *) noexcept nogil
+ctypedef int (*fn_errno)() noexcept nogil
+ctypedef const char *(*fn_strerror)(int) noexcept nogil
+ctypedef int (*fn_send)(void *, const void *, size_t, int) noexcept nogil
+ctypedef int (*fn_poll)(zl_pollitem *, int, long) noexcept nogil
+ctypedef int (*fn_msg_init)(zl_zmq_msg *) noexcept nogil
+ctypedef int (*fn_msg_recv)(zl_zmq_msg *, void *, int) noexcept nogil
+ctypedef int (*fn_msg_close)(zl_zmq_msg *) noexcept nogil
+ctypedef void *(*fn_msg_data)(zl_zmq_msg *) noexcept nogil
+ctypedef size_t (*fn_msg_size)(const zl_zmq_msg *) noexcept nogil
+ctypedef int (*fn_msg_more)(const zl_zmq_msg *) noexcept nogil
+
+cdef fn_version zmq_version
+cdef fn_errno zmq_errno
+cdef fn_strerror zmq_strerror
+cdef fn_send zmq_send
+cdef fn_poll zmq_poll
+cdef fn_msg_init zmq_msg_init
+cdef fn_msg_recv zmq_msg_recv
+cdef fn_msg_close zmq_msg_close
+cdef fn_msg_data zmq_msg_data
+cdef fn_msg_size zmq_msg_size
+cdef fn_msg_more zmq_msg_more
+
+cdef enum:
+    ZMQ_DONTWAIT = 1
+    ZMQ_SNDMORE = 2
+    ZMQ_POLLIN = 1
+    ZMQ_POLLOUT = 2
+    POLL_SLICE_MS = 100     # longest nogil wait before signals and cancel() are looked at
+
+
+cdef void *_resolve(void *handle, const char *name) except NULL:
+    cdef void *sym = dlsym(handle, name)
+    if sym == NULL:
+        raise ImportError("zeroline: libzmq symbol %s not found through pyzmq" % name.decode())
+    return sym
+
+
+cdef int _load_libzmq() except -1:
+    global zmq_version, zmq_errno, zmq_strerror, zmq_send, zmq_poll
+    global zmq_msg_init, zmq_msg_recv, zmq_msg_close, zmq_msg_data, zmq_msg_size, zmq_msg_more
+    import zmq.backend.cython._zmq as pyzmq_ext
+    path = os.fsencode(pyzmq_ext.__file__)
+    # RTLD_NOLOAD: only take a module that is already loaded, never load a second copy.
+    cdef void *handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD)
+    if handle == NULL:
+        raise ImportError("zeroline: cannot reach pyzmq's libzmq: %s" % dlerror().decode())
+    zmq_version = <fn_version>_resolve(handle, b"zmq_version")
+    zmq_errno = <fn_errno>_resolve(handle, b"zmq_errno")
+    zmq_strerror = <fn_strerror>_resolve(handle, b"zmq_strerror")
+    zmq_send = <fn_send>_resolve(handle, b"zmq_send")
+    zmq_poll = <fn_poll>_resolve(handle, b"zmq_poll")
+    zmq_msg_init = <fn_msg_init>_resolve(handle, b"zmq_msg_init")
+    zmq_msg_recv = <fn_msg_recv>_resolve(handle, b"zmq_msg_recv")
+    zmq_msg_close = <fn_msg_close>_resolve(handle, b"zmq_msg_close")
+    zmq_msg_data = <fn_msg_data>_resolve(handle, b"zmq_msg_data")
+    zmq_msg_size = <fn_msg_size>_resolve(handle, b"zmq_msg_size")
+    zmq_msg_more = <fn_msg_more>_resolve(handle, b"zmq_msg_more")
+    cdef int major = 0, minor = 0, patch = 0
+    zmq_version(&major, &minor, &patch)
+    found = "%d.%d.%d" % (major, minor, patch)
+    if found != zmq.zmq_version():
+        raise ImportError("zeroline: resolved libzmq %s but pyzmq uses %s" % (found, zmq.zmq_version()))
+    return 0
+
+
+_load_libzmq()
+
+
+def libzmq_version():
+    """Version of the libzmq the compiled core resolved (always pyzmq's own)."""
+    cdef int major = 0, minor = 0, patch = 0
+    zmq_version(&major, &minor, &patch)
+    return "%d.%d.%d" % (major, minor, patch)
+
+
+cdef inline void *_socket_handle(object socket) except NULL:
+    if socket.closed:
+        raise TransportError("cannot use the zmq socket: it is closed")
+    return <void *><size_t>socket.underlying
+
+
+cdef object _zmq_error(int err, str what):
+    return TransportError("%s: %s" % (what, zmq_strerror(err).decode("utf-8", "replace")), err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffers
+
+cdef int _buf_reserve(zl_buffer *b, size_t extra) except -1 nogil:
+    cdef size_t need = b.length + extra
+    cdef size_t cap
+    cdef char *data
+    if need <= b.capacity:
+        return 0
+    if b.head > 0 and b.length - b.head + extra <= b.capacity:
+        # Consumed space at the front is enough: slide the unconsumed records down.
+        memmove(b.data, b.data + b.head, b.length - b.head)
+        b.length -= b.head
+        b.head = 0
+        return 0
+    cap = b.capacity * 2 if b.capacity else 4096
+    while cap < need:
+        cap *= 2
+    data = <char *>realloc(b.data, cap)
+    if data == NULL:
+        with gil:
+            raise MemoryError()
+    b.data = data
+    b.capacity = cap
+    return 0
+
+
+cdef inline void _buf_reset(zl_buffer *b) noexcept nogil:
+    b.head = 0
+    b.length = 0
+
+
+cdef inline void _put_u32(char *p, uint32_t v) noexcept nogil:
+    memcpy(p, &v, 4)
+
+
+cdef inline uint32_t _get_u32(const char *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# msgpack pieces; byte-for-byte what msgpack-python's packb gives for the same values.
+
+cdef inline size_t _int_len(int64_t v) noexcept nogil:
+    if v >= 0:
+        if v <= 0x7f: return 1
+        if v <= 0xff: return 2
+        if v <= 0xffff: return 3
+        if v <= 4294967295LL: return 5
+        return 9
+    if v >= -32: return 1
+    if v >= -128: return 2
+    if v >= -32768: return 3
+    if v >= -2147483648: return 5
+    return 9
+
+
+cdef inline void _put_be(char *p, uint64_t v, int n) noexcept nogil:
+    cdef int i
+    for i in range(n):
+        p[n - 1 - i] = <char>(v & 0xff)
+        v >>= 8
+
+
+cdef inline char *_pack_int(char *p, int64_t v) noexcept nogil:
+    cdef size_t n = _int_len(v)
+    if n == 1:
+        p[0] = <char>v
+        return p + 1
+    if v >= 0:
+        p[0] = <char>(0xcc if n == 2 else 0xcd if n == 3 else 0xce if n == 5 else 0xcf)
+    else:
+        p[0] = <char>(0xd0 if n == 2 else 0xd1 if n == 3 else 0xd2 if n == 5 else 0xd3)
+    _put_be(p + 1, <uint64_t>v, <int>(n - 1))
+    return p + n
+
+
+cdef inline size_t _bin_header_len(size_t n) noexcept nogil:
+    return 2 if n <= 0xff else 3 if n <= 0xffff else 5
+
+
+cdef inline char *_pack_bin_header(char *p, size_t n) noexcept nogil:
+    if n <= 0xff:
+        p[0] = <char>0xc4
+        _put_be(p + 1, n, 1)
+        return p + 2
+    if n <= 0xffff:
+        p[0] = <char>0xc5
+        _put_be(p + 1, n, 2)
+        return p + 3
+    p[0] = <char>0xc6
+    _put_be(p + 1, n, 4)
+    return p + 5
+
+
+cdef inline char *_put(char *p, const char *s, size_t n) noexcept nogil:
+    memcpy(p, s, n)
+    return p + n
+
+
+# Fixed key strings, already msgpack-encoded as fixstr.
+cdef const char *K_TIME = b"\xa9time_nano"
+cdef const char *K_LINE = b"\xa4line"
+cdef const char *K_PARTIAL = b"\xa7partial\x83\xa2id\xd9\x40"   # key, fixmap(3), "id", str8 len 64
+cdef const char *K_ORDINAL = b"\xa7ordinal"
+cdef const char *K_LAST = b"\xa4last"
+cdef enum:
+    K_TIME_LEN = 10
+    K_LINE_LEN = 5
+    K_PARTIAL_LEN = 14
+    K_ORDINAL_LEN = 8
+    K_LAST_LEN = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Cutting: Docker's copier (moby daemon/logger/copier.go), see _core_py.LineCutter.
+
+ctypedef int (*zl_emit_fn)(void *ctx, const char *line, size_t n, int64_t time_nano,
+                           const char *partial_id, int ordinal, bint last) except -1 nogil
+
+cdef const char *HEX = b"0123456789abcdef"
+
+
+cdef inline uint64_t _splitmix64(uint64_t *state) noexcept nogil:
+    state[0] += 0x9E3779B97F4A7C15ULL
+    cdef uint64_t z = state[0]
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+
+cdef int _new_group_id(zl_cutter *c) except -1 nogil:
+    cdef unsigned char raw[32]
+    cdef uint64_t word
+    cdef int i, j, digits
+    cdef ssize_t got
+    while True:
+        if c.random_ids:
+            got = 0
+            while got < 32:
+                j = <int>getrandom(raw + got, 32 - got, 0)
+                if j < 0:
+                    if errno == EINTR:
+                        continue
+                    with gil:
+                        raise OSError(errno, "getrandom failed")
+                got += j
+        else:
+            for i in range(4):
+                word = _splitmix64(&c.id_state)
+                for j in range(8):
+                    raw[i * 8 + j] = <unsigned char>(word >> (8 * j))
+        for i in range(32):
+            c.group_id[2 * i] = HEX[raw[i] >> 4]
+            c.group_id[2 * i + 1] = HEX[raw[i] & 15]
+        # Docker draws again when the 12-char short form is all digits.
+        digits = 0
+        for i in range(12):
+            if b'0' <= c.group_id[i] <= b'9':
+                digits += 1
+        if digits < 12:
+            return 0
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef int _cutter_init(zl_cutter *c, size_t limit, object id_seed) except -1:
+    c.held = <char *>malloc(limit)
+    if c.held == NULL:
+        raise MemoryError()
+    c.held_len = 0
+    c.limit = limit
+    c.group_open = False
+    c.group_ordinal = 0
+    c.group_time = 0
+    c.closed = False
+    c.random_ids = id_seed is None
+    c.id_state = 0 if id_seed is None else <uint64_t>(id_seed & 0xFFFFFFFFFFFFFFFF)
+    c.lines_total = 0
+    c.bytes_total = 0
+    c.partial_groups_total = 0
+    return 0
+
+
+cdef inline int _emit_line(zl_cutter *c, const char *line, size_t n, int64_t t,
+                           zl_emit_fn emit, void *ctx) except -1 nogil:
+    c.lines_total += 1
+    if not c.group_open:
+        return emit(ctx, line, n, t, NULL, 0, False)
+    c.group_open = False
+    c.group_ordinal += 1
+    return emit(ctx, line, n, c.group_time, c.group_id, c.group_ordinal, True)
+
+
+cdef inline int _emit_chunk(zl_cutter *c, const char *line, size_t n, int64_t t, bint last,
+                            zl_emit_fn emit, void *ctx) except -1 nogil:
+    if not c.group_open:
+        _new_group_id(c)
+        c.group_open = True
+        c.group_ordinal = 0
+        c.group_time = t
+        c.partial_groups_total += 1
+    c.group_ordinal += 1
+    if last:
+        c.group_open = False
+        c.lines_total += 1
+    return emit(ctx, line, n, c.group_time, c.group_id, c.group_ordinal, last)
+
+
+cdef int _cut_feed(zl_cutter *c, const char *data, size_t size, int64_t t,
+                   zl_emit_fn emit, void *ctx) except -1 nogil:
+    cdef size_t pos = 0, window, k, n
+    cdef const char *nl
+    c.bytes_total += size
+    while pos < size:
+        # At most limit - held bytes fit before the copier buffer is full.
+        window = size - pos
+        if window > c.limit - c.held_len:
+            window = c.limit - c.held_len
+        nl = <const char *>memchr(data + pos, b'\n', window)
+        if nl != NULL:
+            k = <size_t>(nl - (data + pos))
+            if c.held_len == 0:
+                # Whole line inside this buffer: emit it in place, no copy.
+                _emit_line(c, data + pos, k, t, emit, ctx)
+            else:
+                memcpy(c.held + c.held_len, data + pos, k)
+                n = c.held_len + k
+                c.held_len = 0
+                _emit_line(c, c.held, n, t, emit, ctx)
+            pos += k + 1
+        elif c.held_len + window == c.limit:
+            if c.held_len == 0:
+                _emit_chunk(c, data + pos, window, t, False, emit, ctx)
+            else:
+                memcpy(c.held + c.held_len, data + pos, window)
+                c.held_len = 0
+                _emit_chunk(c, c.held, c.limit, t, False, emit, ctx)
+            pos += window
+        else:
+            memcpy(c.held + c.held_len, data + pos, size - pos)
+            c.held_len += size - pos
+            pos = size
+    return 0
+
+
+cdef int _cut_close(zl_cutter *c, int64_t t, zl_emit_fn emit, void *ctx) except -1 nogil:
+    cdef size_t n
+    if c.closed:
+        return 0
+    c.closed = True
+    if c.held_len or c.group_open:
+        n = c.held_len
+        c.held_len = 0
+        _emit_chunk(c, c.held, n, t, True, emit, ctx)
+    return 0
+
+
+cdef int _check_common(object source, object max_line_bytes) except -1:
+    if source not in SOURCES:
+        raise ConfigError("source must be 'stdout' or 'stderr', got %r" % (source,))
+    if not isinstance(max_line_bytes, int) or max_line_bytes < 1:
+        raise ConfigError("max_line_bytes must be a positive integer, got %r" % (max_line_bytes,))
+    return 0
+
+
+cdef bytes _as_bytes(object value, str what):
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise ConfigError("%s must be str or bytes, got %s" % (what, type(value).__name__))
+
+
+# ---------------------------------------------------------------------------------------------
+# LineCutter: the cutting alone, returning Message tuples (embedding API; not the hot path).
+# Records in `_out`: [u32 line_len][i64 time][i32 ordinal, 0 = no metadata][u8 last][id 64?][line]
+
+cdef int _cutter_collect(void *ctx, const char *line, size_t n, int64_t t,
+                         const char *partial_id, int ordinal, bint last) except -1 nogil:
+    cdef zl_buffer *out = <zl_buffer *>ctx
+    cdef size_t need = 17 + (64 if partial_id != NULL else 0) + n
+    cdef int32_t o = ordinal
+    _buf_reserve(out, need)
+    cdef char *p = out.data + out.length
+    _put_u32(p, <uint32_t>n)
+    memcpy(p + 4, &t, 8)
+    memcpy(p + 12, &o, 4)
+    p[16] = 1 if last else 0
+    p += 17
+    if partial_id != NULL:
+        p = _put(p, partial_id, 64)
+    _put(p, line, n)
+    out.length += need
+    return 0
+
+
+cdef class LineCutter:
+    """Cuts a byte stream of one source into messages exactly as Docker's log copier does.
+
+    Same API and output as zeroline._core_py.LineCutter (see there).
+    """
+    cdef zl_cutter _cut
+    cdef zl_buffer _out
+    cdef readonly str source
+
+    def __cinit__(self):
+        self._cut.held = NULL
+        self._out.data = NULL
+        self._out.capacity = 0
+        _buf_reset(&self._out)
+
+    def __init__(self, source="stdout", max_line_bytes=DEFAULT_LINE_BUFFER, id_seed=None):
+        _check_common(source, max_line_bytes)
+        if self._cut.held != NULL:
+            free(self._cut.held)
+        _cutter_init(&self._cut, max_line_bytes, id_seed)
+        self.source = source
+
+    def __dealloc__(self):
+        free(self._cut.held)
+        free(self._out.data)
+
+    @property
+    def max_line_bytes(self):
+        return self._cut.limit
+
+    @property
+    def held_bytes(self):
+        return self._cut.held_len
+
+    @property
+    def lines_total(self):
+        return self._cut.lines_total
+
+    @property
+    def bytes_total(self):
+        return self._cut.bytes_total
+
+    @property
+    def partial_groups_total(self):
+        return self._cut.partial_groups_total
+
+    def feed(self, data, int64_t time_nano=-1):
+        """Cut ``data``; return the messages it completes. ``time_nano`` -1 means now."""
+        if self._cut.closed:
+            raise ValueError("feed() after close()")
+        cdef const unsigned char[::1] view = data
+        cdef size_t size = view.shape[0]
+        cdef const char *p = <const char *>&view[0] if size else NULL
+        with nogil:
+            if time_nano < 0:
+                time_nano = _now_ns()
+            _cut_feed(&self._cut, p, size, time_nano, _cutter_collect, &self._out)
+        return self._take()
+
+    def close(self, int64_t time_nano=-1):
+        """Flush at EOF: unterminated text goes out and its partial group is closed (last=True)."""
+        if time_nano < 0:
+            time_nano = _now_ns()
+        _cut_close(&self._cut, time_nano, _cutter_collect, &self._out)
+        return self._take()
+
+    cdef list _take(self):
+        cdef list out = []
+        cdef size_t pos = 0, n
+        cdef int64_t t
+        cdef int32_t ordinal
+        cdef const char *p
+        source = self.source
+        while pos < self._out.length:
+            p = self._out.data + pos
+            n = _get_u32(p)
+            memcpy(&t, p + 8 - 4, 8)
+            memcpy(&ordinal, p + 12, 4)
+            if ordinal:
+                partial = Partial(PyBytes_FromStringAndSize(p + 17, 64).decode("ascii"),
+                                  ordinal, bool(p[16]))
+                line = PyBytes_FromStringAndSize(p + 17 + 64, n)
+                pos += 17 + 64 + n
+            else:
+                partial = None
+                line = PyBytes_FromStringAndSize(p + 17, n)
+                pos += 17 + n
+            out.append(Message(line, source, t, partial))
+        _buf_reset(&self._out)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream: cut + frame into a pending batch + batched multipart send.
+# Pending records: [u32 payload_len][u32 line_len][payload]
+
+cdef enum:
+    SEND_DONE = 0
+    SEND_WOULD_BLOCK = 1
+    SEND_ERROR = 2
+
+
+cdef int _stream_emit(void *ctx, const char *line, size_t n, int64_t t,
+                      const char *partial_id, int ordinal, bint last) except -1 nogil:
+    cdef zl_framer *f = <zl_framer *>ctx
+    cdef size_t plen
+    cdef char *p
+    if f.max_pending_bytes >= 0 and f.pending_count > 0 and \
+            f.pending_line_bytes + <int64_t>n > f.max_pending_bytes:
+        # Docker's ring buffer: the incoming message is dropped, the queued ones are kept.
+        f.dropped_total += 1
+        f.dropped_bytes_total += n
+        return 0
+    if f.framing == FRAMING_SEED:
+        plen = f.prefix_len + n
+    else:
+        plen = 1 + f.prefix_len + K_TIME_LEN + _int_len(t) + K_LINE_LEN + _bin_header_len(n) + n \
+            + f.attrs_len
+        if partial_id != NULL:
+            plen += K_PARTIAL_LEN + 64 + K_ORDINAL_LEN + _int_len(ordinal) + K_LAST_LEN + 1
+    _buf_reserve(&f.pending, 8 + plen)
+    p = f.pending.data + f.pending.length
+    _put_u32(p, <uint32_t>plen)
+    _put_u32(p + 4, <uint32_t>n)
+    p += 8
+    if f.framing == FRAMING_SEED:
+        p = _put(p, f.prefix, f.prefix_len)
+        _put(p, line, n)
+    else:
+        # Key order and integer widths as msgpack-python's packb of the twin's dict.
+        p[0] = <char>(0x85 + (partial_id != NULL) + (f.attrs_len > 0))
+        p = _put(p + 1, f.prefix, f.prefix_len)
+        p = _put(p, K_TIME, K_TIME_LEN)
+        p = _pack_int(p, t)
+        p = _put(p, K_LINE, K_LINE_LEN)
+        p = _pack_bin_header(p, n)
+        p = _put(p, line, n)
+        if partial_id != NULL:
+            p = _put(p, K_PARTIAL, K_PARTIAL_LEN)
+            p = _put(p, partial_id, 64)
+            p = _put(p, K_ORDINAL, K_ORDINAL_LEN)
+            p = _pack_int(p, ordinal)
+            p = _put(p, K_LAST, K_LAST_LEN)
+            p[0] = <char>(0xc3 if last else 0xc2)
+            p += 1
+        _put(p, f.attrs_tail, f.attrs_len)
+    f.pending.length += 8 + plen
+    f.pending_count += 1
+    f.pending_line_bytes += n
+    f.messages_total += 1
+    return 0
+
+
+cdef int _send_some(zl_framer *f, void *sock, bint block, const char *tenant, size_t tlen,
+                    const char *service, size_t slen, uint64_t *sent, int *err) noexcept nogil:
+    # Sends pending records until done, EAGAIN on a first frame, or an error. On EAGAIN in
+    # blocking mode it waits up to one poll slice for POLLOUT and returns, so the caller can
+    # look at signals and the cancel flag with the GIL.
+    cdef zl_buffer *b = &f.pending
+    cdef uint32_t plen, llen
+    cdef int rc, e
+    cdef zl_pollitem item
+    while b.head < b.length:
+        plen = _get_u32(b.data + b.head)
+        llen = _get_u32(b.data + b.head + 4)
+        rc = zmq_send(sock, tenant, tlen, ZMQ_SNDMORE | ZMQ_DONTWAIT)
+        if rc < 0:
+            e = zmq_errno()
+            if e == EAGAIN:
+                if block:
+                    item.socket = sock
+                    item.fd = 0
+                    item.events = ZMQ_POLLOUT
+                    item.revents = 0
+                    if zmq_poll(&item, 1, POLL_SLICE_MS) < 0:
+                        e = zmq_errno()
+                        if e != EINTR:
+                            err[0] = e
+                            return SEND_ERROR
+                return SEND_WOULD_BLOCK
+            if e == EINTR:
+                return SEND_WOULD_BLOCK
+            err[0] = e
+            return SEND_ERROR
+        # The message is committed now: libzmq cannot take back a first frame, and later
+        # frames never hit EAGAIN, so they go blocking (retrying only on EINTR).
+        while True:
+            rc = zmq_send(sock, service, slen, ZMQ_SNDMORE)
+            if rc >= 0 or zmq_errno() != EINTR:
+                break
+        if rc >= 0:
+            while True:
+                rc = zmq_send(sock, b.data + b.head + 8, plen, 0)
+                if rc >= 0 or zmq_errno() != EINTR:
+                    break
+        if rc < 0:
+            err[0] = zmq_errno()
+            return SEND_ERROR
+        b.head += 8 + plen
+        f.pending_count -= 1
+        f.pending_line_bytes -= llen
+        sent[0] += 1
+    _buf_reset(b)
+    return SEND_DONE
+
+
+cdef class Stream:
+    """The data plane of one source of one container: cut, frame, queue, send.
+
+    Same API and output as zeroline._core_py.Stream (see there). Cutting and framing of a whole
+    read buffer, and the multipart sends of a whole batch, run without the GIL.
+    """
+
+    def __cinit__(self):
+        self._cut.held = NULL
+        self._fr.pending.data = NULL
+        self._fr.pending.capacity = 0
+        _buf_reset(&self._fr.pending)
+        self._cancel = 0
+
+    def __init__(self, source="stdout", *, framing="seed", tenant="default", service="default",
+                 container_id="", container_name="", attrs=None,
+                 max_line_bytes=DEFAULT_LINE_BUFFER, id_seed=None, max_pending_bytes=-1):
+        _check_common(source, max_line_bytes)
+        if framing not in FRAMINGS:
+            raise ConfigError("framing must be 'seed' or 'msgpack', got %r" % (framing,))
+        if self._cut.held != NULL:
+            free(self._cut.held)
+            self._cut.held = NULL
+        _cutter_init(&self._cut, max_line_bytes, id_seed)
+        self._source = SOURCES.index(source)
+        self._tenant = _as_bytes(tenant, "tenant")
+        self._service = _as_bytes(service, "service")
+        self._container_id = _as_bytes(container_id, "container_id").decode("utf-8", "replace")
+        self._container_name = _as_bytes(container_name, "container_name").decode("utf-8", "replace")
+        self._attrs = {str(k): str(v) for k, v in (attrs or {}).items()}
+        if framing == "seed":
+            self._prefix = self._container_id.encode("utf-8") + b": "
+            self._attrs_tail = b""
+        else:
+            # The record's leading keys never change: encode them once, without the map header.
+            head = msgpack.packb({"container_id": self._container_id,
+                                  "container_name": self._container_name,
+                                  "source": source}, use_bin_type=True)
+            self._prefix = head[1:]
+            self._attrs_tail = (msgpack.packb({"attrs": self._attrs}, use_bin_type=True)[1:]
+                                if self._attrs else b"")
+        self._fr.framing = FRAMING_SEED if framing == "seed" else FRAMING_MSGPACK
+        self._fr.prefix = PyBytes_AS_STRING(self._prefix)
+        self._fr.prefix_len = len(self._prefix)
+        self._fr.attrs_tail = PyBytes_AS_STRING(self._attrs_tail)
+        self._fr.attrs_len = len(self._attrs_tail)
+        self._fr.max_pending_bytes = max_pending_bytes
+        self._fr.pending_line_bytes = 0
+        self._fr.pending_count = 0
+        self._fr.messages_total = 0
+        self._fr.dropped_total = 0
+        self._fr.dropped_bytes_total = 0
+        self.sent_total = 0
+        self._pid = getpid()
+
+    def __dealloc__(self):
+        free(self._cut.held)
+        free(self._fr.pending.data)
+
+    # -- C API (see _core.pxd) ----------------------------------------------------------------
+    cdef Py_ssize_t feed_raw(self, const char *data, size_t size, int64_t time_nano) except -1 nogil:
+        cdef uint64_t before = self._fr.messages_total
+        if time_nano < 0:
+            time_nano = _now_ns()
+        _cut_feed(&self._cut, data, size, time_nano, _stream_emit, &self._fr)
+        return <Py_ssize_t>(self._fr.messages_total - before)
+
+    cdef Py_ssize_t close_raw(self, int64_t time_nano) except -1 nogil:
+        cdef uint64_t before = self._fr.messages_total
+        if time_nano < 0:
+            time_nano = _now_ns()
+        _cut_close(&self._cut, time_nano, _stream_emit, &self._fr)
+        return <Py_ssize_t>(self._fr.messages_total - before)
+
+    cdef uint64_t pending_count(self) noexcept nogil:
+        return self._fr.pending_count
+
+    # -- counters -----------------------------------------------------------------------------
+    @property
+    def source(self):
+        return SOURCES[self._source]
+
+    @property
+    def framing(self):
+        return FRAMINGS[self._fr.framing]
+
+    @property
+    def tenant(self):
+        return self._tenant
+
+    @property
+    def service(self):
+        return self._service
+
+    @property
+    def max_pending_bytes(self):
+        return self._fr.max_pending_bytes
+
+    @property
+    def messages_total(self):
+        return self._fr.messages_total
+
+    @property
+    def dropped_total(self):
+        return self._fr.dropped_total
+
+    @property
+    def dropped_bytes_total(self):
+        return self._fr.dropped_bytes_total
+
+    @property
+    def lines_total(self):
+        return self._cut.lines_total
+
+    @property
+    def bytes_total(self):
+        return self._cut.bytes_total
+
+    @property
+    def partial_groups_total(self):
+        return self._cut.partial_groups_total
+
+    @property
+    def held_bytes(self):
+        return self._cut.held_len
+
+    @property
+    def pending_messages(self):
+        return self._fr.pending_count
+
+    @property
+    def pending_bytes(self):
+        """Line bytes queued and not yet sent (the ring-buffer accounting unit, as Docker)."""
+        return self._fr.pending_line_bytes
+
+    def stats(self):
+        """Counters as a dict (names follow ``<thing>_<event>_total``)."""
+        return {
+            "lines_total": self.lines_total,
+            "bytes_total": self.bytes_total,
+            "partial_groups_total": self.partial_groups_total,
+            "messages_total": self.messages_total,
+            "sent_total": self.sent_total,
+            "dropped_total": self.dropped_total,
+            "dropped_bytes_total": self.dropped_bytes_total,
+            "pending_messages": self.pending_messages,
+        }
+
+    # -- data plane ---------------------------------------------------------------------------
+    def feed(self, data, int64_t time_nano=-1):
+        """Cut and frame one read buffer. Returns how many messages were queued."""
+        if self._cut.closed:
+            raise ValueError("feed() after close()")
+        cdef const unsigned char[::1] view = data
+        cdef size_t size = view.shape[0]
+        cdef const char *p = <const char *>&view[0] if size else NULL
+        cdef Py_ssize_t n
+        with nogil:
+            n = self.feed_raw(p, size, time_nano)
+        return n
+
+    def close(self, int64_t time_nano=-1):
+        """Flush unterminated text at EOF. Returns how many messages were queued."""
+        cdef Py_ssize_t n
+        with nogil:
+            n = self.close_raw(time_nano)
+        return n
+
+    def take(self):
+        """Remove and return the pending messages as lists of three frames (embedding, tests)."""
+        cdef list out = []
+        cdef size_t pos = self._fr.pending.head, plen
+        while pos < self._fr.pending.length:
+            plen = _get_u32(self._fr.pending.data + pos)
+            out.append([self._tenant, self._service,
+                        PyBytes_FromStringAndSize(self._fr.pending.data + pos + 8, plen)])
+            pos += 8 + plen
+        self.clear()
+        return out
+
+    def clear(self):
+        """Forget the pending messages (they are not counted as sent)."""
+        _buf_reset(&self._fr.pending)
+        self._fr.pending_count = 0
+        self._fr.pending_line_bytes = 0
+
+    def cancel(self):
+        """Make a blocking ``send()`` in another thread return at its next wake-up (<= 100 ms)."""
+        self._cancel = 1
+
+    def send(self, socket, bint block=True):
+        """Send pending messages on a pyzmq socket; return how many went out.
+
+        With ``block=False`` it stops at the first message the socket will not take (high-water
+        mark, no peer) and keeps the rest pending. With ``block=True`` it waits for the socket,
+        waking every 100 ms so Ctrl-C, signals and ``cancel()`` are noticed.
+
+        Raises:
+            TransportError: closed socket, use from a forked child, or a send error.
+        """
+        cdef void *sock = _socket_handle(socket)
+        cdef uint64_t sent = 0
+        cdef int err = 0, rc
+        cdef const char *tenant = PyBytes_AS_STRING(self._tenant)
+        cdef size_t tlen = len(self._tenant)
+        cdef const char *service = PyBytes_AS_STRING(self._service)
+        cdef size_t slen = len(self._service)
+        if getpid() != self._pid:
+            raise TransportError("cannot send: this socket belongs to the parent process (fork)")
+        self._cancel = 0
+        try:
+            while True:
+                with nogil:
+                    rc = _send_some(&self._fr, sock, block, tenant, tlen, service, slen, &sent, &err)
+                if rc == SEND_DONE:
+                    break
+                if rc == SEND_ERROR:
+                    raise _zmq_error(err, "zmq send failed")
+                if not block or self._cancel:
+                    break
+                PyErr_CheckSignals()
+                if socket.closed:
+                    raise TransportError("cannot send: the zmq socket was closed")
+        finally:
+            self.sent_total += sent
+        return sent
+
+
+# ---------------------------------------------------------------------------------------------
+# Receiver: batched multipart receive. Batch records: [u32 len][frame] x 3
+
+cdef int _recv_some(Receiver self, void *sock, size_t max_messages, long timeout_ms,
+                    uint64_t *got, int *err) except -1 nogil:
+    cdef zl_pollitem item
+    cdef zl_zmq_msg msg
+    cdef int rc, parts, e
+    cdef size_t start, size
+    cdef bint bad
+    item.socket = sock
+    item.fd = 0
+    item.events = ZMQ_POLLIN
+    item.revents = 0
+    rc = zmq_poll(&item, 1, timeout_ms)
+    if rc < 0:
+        e = zmq_errno()
+        if e == EINTR:
+            return 0
+        err[0] = e
+        return 1
+    if rc == 0:
+        return 0
+    while got[0] < max_messages:
+        start = self._batch.length
+        parts = 0
+        bad = False
+        while True:
+            zmq_msg_init(&msg)
+            rc = zmq_msg_recv(&msg, sock, ZMQ_DONTWAIT)
+            if rc < 0:
+                e = zmq_errno()
+                zmq_msg_close(&msg)
+                if parts == 0 and (e == EAGAIN or e == EINTR):
+                    return 0
+                if e == EINTR:
+                    continue        # inside a multipart message: the rest is already here
+                err[0] = e
+                return 1
+            size = zmq_msg_size(&msg)
+            parts += 1
+            if parts > 3 or size > self._max_frame_bytes:
+                bad = True
+            if not bad:
+                _buf_reserve(&self._batch, 4 + size)
+                _put_u32(self._batch.data + self._batch.length, <uint32_t>size)
+                memcpy(self._batch.data + self._batch.length + 4, zmq_msg_data(&msg), size)
+                self._batch.length += 4 + size
+            rc = zmq_msg_more(&msg)
+            zmq_msg_close(&msg)
+            if not rc:
+                break
+        if bad or parts != 3:
+            self._batch.length = start
+            self.malformed_total += 1
+            continue
+        self.bytes_total += size     # the last frame: the payload
+        self._count += 1
+        self.messages_total += 1
+        got[0] += 1
+    return 0
+
+
+cdef class Receiver:
+    """Receives 3-frame messages in batches (the collector's and benchmarks' receive path).
+
+    Same API as zeroline._core_py.Receiver (see there).
+    """
+
+    def __cinit__(self):
+        self._batch.data = NULL
+        self._batch.capacity = 0
+        _buf_reset(&self._batch)
+        self._count = 0
+
+    def __init__(self, max_frame_bytes=64 * 1024 * 1024):
+        self._max_frame_bytes = max_frame_bytes
+
+    def __dealloc__(self):
+        free(self._batch.data)
+
+    @property
+    def max_frame_bytes(self):
+        return self._max_frame_bytes
+
+    @property
+    def pending_messages(self):
+        return self._count
+
+    def recv(self, socket, size_t max_messages=4096, long timeout_ms=100):
+        """Receive up to ``max_messages``; return how many well-formed ones were added."""
+        cdef void *sock = _socket_handle(socket)
+        cdef uint64_t got = 0
+        cdef int err = 0, rc
+        cdef long slice_ms
+        cdef long left = timeout_ms
+        while True:
+            slice_ms = POLL_SLICE_MS if left < 0 or left > POLL_SLICE_MS else left
+            with nogil:
+                rc = _recv_some(self, sock, max_messages, slice_ms, &got, &err)
+            if rc:
+                raise _zmq_error(err, "zmq receive failed")
+            if got or left == 0:
+                break
+            if left > 0:
+                left -= slice_ms
+            PyErr_CheckSignals()
+        return got
+
+    def take(self):
+        """Remove and return the received messages as lists of three frames."""
+        cdef list out = []
+        cdef size_t pos = 0, n
+        cdef int i
+        while pos < self._batch.length:
+            frames = []
+            for i in range(3):
+                n = _get_u32(self._batch.data + pos)
+                frames.append(PyBytes_FromStringAndSize(self._batch.data + pos + 4, n))
+                pos += 4 + n
+            out.append(frames)
+        _buf_reset(&self._batch)
+        self._count = 0
+        return out
+
+    def take_payloads(self):
+        """Remove the received messages and return their third frames, each followed by "\\n"."""
+        cdef size_t pos = 0, n, total = 0
+        cdef int i
+        # First pass sizes the result, second fills it: one allocation.
+        while pos < self._batch.length:
+            for i in range(3):
+                n = _get_u32(self._batch.data + pos)
+                if i == 2:
+                    total += n + 1
+                pos += 4 + n
+        out = PyBytes_FromStringAndSize(NULL, total)
+        cdef char *w = PyBytes_AS_STRING(out)
+        pos = 0
+        while pos < self._batch.length:
+            for i in range(3):
+                n = _get_u32(self._batch.data + pos)
+                if i == 2:
+                    memcpy(w, self._batch.data + pos + 4, n)
+                    w[n] = b'\n'
+                    w += n + 1
+                pos += 4 + n
+        _buf_reset(&self._batch)
+        self._count = 0
+        return out

@@ -1,0 +1,428 @@
+"""Pure-Python twin of zeroline._core: the readable specification of the data plane.
+
+The compiled module (ext/_core.pyx) must produce byte-for-byte the same output for the same
+input, chunking, timestamps and id seed; tests/test_differential.py holds the two to that.
+
+Data plane, per source of one container:
+
+    bytes read ──► cut into lines (Docker's copier rules) ──► frame ──► pending batch ──► zmq send
+
+Cutting follows moby's daemon/logger/copier.go (see docs/docker-logging.md §1) with one deliberate
+improvement: at close, text without a trailing newline is flushed with partial metadata and its group
+is closed with ``last=True`` (Docker leaves such a group open forever).
+"""
+
+import os
+import time
+from collections import namedtuple
+
+import msgpack
+import zmq
+
+from .errors import ConfigError, TransportError
+
+IMPLEMENTATION = "python"
+
+#: Docker's copier buffer: the longest single message; longer lines become partial chunks.
+DEFAULT_LINE_BUFFER = 16384
+
+SOURCES = ("stdout", "stderr")
+FRAMINGS = ("seed", "msgpack")
+
+Partial = namedtuple("Partial", "id ordinal last")
+Partial.__doc__ = "Partial-line metadata: 64-hex group id, ordinal from 1, last chunk of the group."
+
+Message = namedtuple("Message", "line source time_nano partial")
+Message.__doc__ = "One cut message: line bytes without the newline, source, UTC ns, Partial or None."
+
+_MASK64 = (1 << 64) - 1
+_POLL_SLICE_MS = 100
+
+
+def _splitmix64(state):
+    # Deterministic ids for tests and reproducible benchmarks; the C side runs the same recurrence.
+    state = (state + 0x9E3779B97F4A7C15) & _MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return state, z ^ (z >> 31)
+
+
+def _now_ns():
+    return time.time_ns()
+
+
+class _IdSource:
+    """Partial group ids: 32 random bytes as 64 lowercase hex, drawn again when the first 12
+    characters are all digits (Docker does the same so a short id never looks like a number)."""
+
+    def __init__(self, seed):
+        self._seed = seed
+        self._state = (seed or 0) & _MASK64
+
+    def next(self):
+        while True:
+            if self._seed is None:
+                raw = os.urandom(32)
+            else:
+                words = []
+                for _ in range(4):
+                    self._state, out = _splitmix64(self._state)
+                    words.append(out.to_bytes(8, "little"))
+                raw = b"".join(words)
+            text = raw.hex()
+            if not text[:12].isdigit():
+                return text
+
+
+def _check_limit(max_line_bytes):
+    if not isinstance(max_line_bytes, int) or max_line_bytes < 1:
+        raise ConfigError("max_line_bytes must be a positive integer, got %r" % (max_line_bytes,))
+
+
+def _check_source(source):
+    if source not in SOURCES:
+        raise ConfigError("source must be 'stdout' or 'stderr', got %r" % (source,))
+
+
+def _as_bytes(value, what):
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise ConfigError("%s must be str or bytes, got %s" % (what, type(value).__name__))
+
+
+class LineCutter:
+    """Cuts a byte stream of one source into messages exactly as Docker's log copier does.
+
+    Args:
+        source: ``"stdout"`` or ``"stderr"``, stamped on every message.
+        max_line_bytes: the copier buffer size; a longer line is cut into chunks of exactly this
+            size, each carrying partial metadata.
+        id_seed: ``None`` for random partial ids; an int for a deterministic sequence (tests).
+
+    ``feed()`` and ``close()`` return lists of :class:`Message`. Chunk boundaries of the input never
+    change the output (for the same timestamps).
+    """
+
+    def __init__(self, source="stdout", max_line_bytes=DEFAULT_LINE_BUFFER, id_seed=None):
+        _check_source(source)
+        _check_limit(max_line_bytes)
+        self.source = source
+        self.max_line_bytes = max_line_bytes
+        self._ids = _IdSource(id_seed)
+        self._held = bytearray()
+        self._group_id = None
+        self._ordinal = 0
+        self._group_time = 0
+        self._closed = False
+        self.lines_total = 0
+        self.bytes_total = 0
+        self.partial_groups_total = 0
+
+    @property
+    def held_bytes(self):
+        """Bytes of an unterminated line waiting for its newline."""
+        return len(self._held)
+
+    def feed(self, data, time_nano=-1):
+        """Cut ``data``; return the messages it completes. ``time_nano`` -1 means now."""
+        if self._closed:
+            raise ValueError("feed() after close()")
+        if time_nano < 0:
+            time_nano = _now_ns()
+        out = []
+        data = memoryview(data).cast("B")
+        size = len(data)
+        self.bytes_total += size
+        limit = self.max_line_bytes
+        pos = 0
+        while pos < size:
+            # At most limit - held bytes fit before the buffer is full: look no further for "\n".
+            window = min(size - pos, limit - len(self._held))
+            nl = bytes(data[pos:pos + window]).find(b"\n")
+            if nl >= 0:
+                self._held += data[pos:pos + nl]
+                self._emit_line(out, time_nano)
+                pos += nl + 1
+            elif len(self._held) + window == limit:
+                self._held += data[pos:pos + window]
+                self._emit_chunk(out, time_nano, False)
+                pos += window
+            else:
+                self._held += data[pos:]
+                pos = size
+        return out
+
+    def close(self, time_nano=-1):
+        """Flush at EOF: unterminated text goes out and its partial group is closed (last=True)."""
+        out = []
+        if self._closed:
+            return out
+        self._closed = True
+        if time_nano < 0:
+            time_nano = _now_ns()
+        if self._held or self._group_id is not None:
+            self._emit_chunk(out, time_nano, True)
+        return out
+
+    def _emit_line(self, out, time_nano):
+        line = bytes(self._held)
+        self._held.clear()
+        self.lines_total += 1
+        if self._group_id is None:
+            out.append(Message(line, self.source, time_nano, None))
+            return
+        self._ordinal += 1
+        out.append(Message(line, self.source, self._group_time,
+                           Partial(self._group_id, self._ordinal, True)))
+        self._group_id = None
+
+    def _emit_chunk(self, out, time_nano, last):
+        line = bytes(self._held)
+        self._held.clear()
+        if self._group_id is None:
+            self._group_id = self._ids.next()
+            self._ordinal = 0
+            self._group_time = time_nano
+            self.partial_groups_total += 1
+        self._ordinal += 1
+        out.append(Message(line, self.source, self._group_time,
+                           Partial(self._group_id, self._ordinal, last)))
+        if last:
+            self.lines_total += 1
+            self._group_id = None
+
+
+class Framer:
+    """Turns messages into 3-frame ZeroMQ messages ``[tenant, service, payload]``.
+
+    ``seed`` framing (default; the wire format of the original ZeroMQ log driver):
+    payload = ``b"<container_id>: " + line``. ``msgpack`` framing: payload = a msgpack map with
+    ``container_id``, ``container_name``, ``source``, ``time_nano``, ``line`` (bin), ``partial``
+    (only on chunks with metadata) and ``attrs`` (only when not empty), in that key order.
+    """
+
+    def __init__(self, framing="seed", tenant="default", service="default", container_id="",
+                 container_name="", attrs=None):
+        if framing not in FRAMINGS:
+            raise ConfigError("framing must be 'seed' or 'msgpack', got %r" % (framing,))
+        self.framing = framing
+        self.tenant = _as_bytes(tenant, "tenant")
+        self.service = _as_bytes(service, "service")
+        self.container_id = _as_bytes(container_id, "container_id").decode("utf-8", "replace")
+        self.container_name = _as_bytes(container_name, "container_name").decode("utf-8", "replace")
+        self.attrs = {str(k): str(v) for k, v in (attrs or {}).items()}
+        self._prefix = self.container_id.encode("utf-8") + b": "
+
+    def payload(self, msg):
+        """The third frame for one :class:`Message`."""
+        if self.framing == "seed":
+            return self._prefix + msg.line
+        record = {
+            "container_id": self.container_id,
+            "container_name": self.container_name,
+            "source": msg.source,
+            "time_nano": msg.time_nano,
+            "line": msg.line,
+        }
+        if msg.partial is not None:
+            record["partial"] = {"id": msg.partial.id, "ordinal": msg.partial.ordinal,
+                                 "last": msg.partial.last}
+        if self.attrs:
+            record["attrs"] = self.attrs
+        return msgpack.packb(record, use_bin_type=True)
+
+    def frames(self, msg):
+        return [self.tenant, self.service, self.payload(msg)]
+
+
+class Stream:
+    """The data plane of one source of one container: cut, frame, queue, send.
+
+    ``feed()`` cuts a whole read buffer and appends the framed messages to a pending batch;
+    ``send()`` hands the batch to a ZeroMQ socket. In blocking use call ``send()`` after every
+    ``feed()``; pending memory is then bounded by one read buffer. With ``max_pending_bytes`` >= 0
+    the stream behaves like Docker's non-blocking ring buffer: a message that would take the pending
+    line bytes over the limit is dropped (and counted in ``dropped_total``) unless nothing is
+    pending.
+
+    Args:
+        source, max_line_bytes, id_seed: as :class:`LineCutter`.
+        framing, tenant, service, container_id, container_name, attrs: as :class:`Framer`.
+        max_pending_bytes: -1 (default) for no limit, else the ring buffer size in line bytes.
+    """
+
+    def __init__(self, source="stdout", *, framing="seed", tenant="default", service="default",
+                 container_id="", container_name="", attrs=None,
+                 max_line_bytes=DEFAULT_LINE_BUFFER, id_seed=None, max_pending_bytes=-1):
+        self._cutter = LineCutter(source, max_line_bytes, id_seed)
+        self._framer = Framer(framing, tenant, service, container_id, container_name, attrs)
+        self.max_pending_bytes = max_pending_bytes
+        self._pending = []          # [payload, line_len]
+        self._pending_line_bytes = 0
+        self._pid = os.getpid()
+        self.messages_total = 0
+        self.sent_total = 0
+        self.dropped_total = 0
+        self.dropped_bytes_total = 0
+
+    # -- counters -----------------------------------------------------------------------------
+    source = property(lambda self: self._cutter.source)
+    framing = property(lambda self: self._framer.framing)
+    tenant = property(lambda self: self._framer.tenant)
+    service = property(lambda self: self._framer.service)
+    lines_total = property(lambda self: self._cutter.lines_total)
+    bytes_total = property(lambda self: self._cutter.bytes_total)
+    partial_groups_total = property(lambda self: self._cutter.partial_groups_total)
+    held_bytes = property(lambda self: self._cutter.held_bytes)
+
+    @property
+    def pending_messages(self):
+        return len(self._pending)
+
+    @property
+    def pending_bytes(self):
+        """Line bytes queued and not yet sent (the ring-buffer accounting unit, as Docker)."""
+        return self._pending_line_bytes
+
+    def stats(self):
+        """Counters as a dict (names follow ``<thing>_<event>_total``)."""
+        return {
+            "lines_total": self.lines_total,
+            "bytes_total": self.bytes_total,
+            "partial_groups_total": self.partial_groups_total,
+            "messages_total": self.messages_total,
+            "sent_total": self.sent_total,
+            "dropped_total": self.dropped_total,
+            "dropped_bytes_total": self.dropped_bytes_total,
+            "pending_messages": self.pending_messages,
+        }
+
+    # -- data plane ---------------------------------------------------------------------------
+    def feed(self, data, time_nano=-1):
+        """Cut and frame one read buffer. Returns how many messages were queued."""
+        return self._queue(self._cutter.feed(data, time_nano))
+
+    def close(self, time_nano=-1):
+        """Flush unterminated text at EOF. Returns how many messages were queued."""
+        return self._queue(self._cutter.close(time_nano))
+
+    def _queue(self, messages):
+        queued = 0
+        limit = self.max_pending_bytes
+        for msg in messages:
+            size = len(msg.line)
+            if limit >= 0 and self._pending and self._pending_line_bytes + size > limit:
+                self.dropped_total += 1
+                self.dropped_bytes_total += size
+                continue
+            self._pending.append((self._framer.payload(msg), size))
+            self._pending_line_bytes += size
+            self.messages_total += 1
+            queued += 1
+        return queued
+
+    def take(self):
+        """Remove and return the pending messages as lists of three frames (embedding, tests)."""
+        out = [[self._framer.tenant, self._framer.service, p] for p, _ in self._pending]
+        self.clear()
+        return out
+
+    def clear(self):
+        """Forget the pending messages (they are not counted as sent)."""
+        self._pending = []
+        self._pending_line_bytes = 0
+
+    def send(self, socket, block=True):
+        """Send pending messages on a pyzmq socket; return how many went out.
+
+        With ``block=False`` it stops at the first message the socket will not take (high-water
+        mark, no peer) and keeps the rest pending. With ``block=True`` it waits for the socket,
+        waking every 100 ms so Ctrl-C and signals are noticed.
+
+        Raises:
+            TransportError: closed socket, use from a forked child, or a send error.
+        """
+        if socket.closed:
+            raise TransportError("cannot send: the zmq socket is closed")
+        if os.getpid() != self._pid:
+            raise TransportError("cannot send: this socket belongs to the parent process (fork)")
+        tenant, service = self._framer.tenant, self._framer.service
+        sent = 0
+        pending = self._pending
+        try:
+            while sent < len(pending):
+                payload, size = pending[sent]
+                try:
+                    # EAGAIN can only come on the first frame; after it the message is committed.
+                    socket.send(tenant, zmq.SNDMORE | zmq.DONTWAIT, copy=True)
+                except zmq.Again:
+                    if not block:
+                        break
+                    socket.poll(_POLL_SLICE_MS, zmq.POLLOUT)
+                    continue
+                socket.send(service, zmq.SNDMORE, copy=True)
+                socket.send(payload, 0, copy=True)
+                self._pending_line_bytes -= size
+                sent += 1
+        except zmq.ZMQError as exc:
+            raise TransportError("zmq send failed: %s" % exc.strerror, exc.errno) from None
+        finally:
+            if sent:
+                del pending[:sent]
+                self.sent_total += sent
+        return sent
+
+
+class Receiver:
+    """Receives 3-frame messages in batches (the collector's and benchmarks' receive path).
+
+    ``recv()`` waits up to ``timeout_ms`` for the first message, then takes whatever else is queued,
+    up to ``max_messages``. Messages whose frame count is not 3, or with a frame over
+    ``max_frame_bytes``, are counted in ``malformed_total`` and skipped.
+    """
+
+    def __init__(self, max_frame_bytes=64 * 1024 * 1024):
+        self.max_frame_bytes = max_frame_bytes
+        self._batch = []
+        self.messages_total = 0
+        self.bytes_total = 0
+        self.malformed_total = 0
+
+    @property
+    def pending_messages(self):
+        return len(self._batch)
+
+    def recv(self, socket, max_messages=4096, timeout_ms=100):
+        """Receive up to ``max_messages``; return how many well-formed ones were added."""
+        if socket.closed:
+            raise TransportError("cannot receive: the zmq socket is closed")
+        got = 0
+        if not socket.poll(timeout_ms, zmq.POLLIN):
+            return 0
+        while got < max_messages:
+            try:
+                frames = socket.recv_multipart(zmq.DONTWAIT, copy=True)
+            except zmq.Again:
+                break
+            if len(frames) != 3 or any(len(f) > self.max_frame_bytes for f in frames):
+                self.malformed_total += 1
+                continue
+            self._batch.append(frames)
+            self.messages_total += 1
+            self.bytes_total += len(frames[2])
+            got += 1
+        return got
+
+    def take(self):
+        """Remove and return the received messages as lists of three frames."""
+        out, self._batch = self._batch, []
+        return out
+
+    def take_payloads(self):
+        """Remove the received messages and return their third frames, each followed by "\\n"."""
+        out = b"".join(f[2] + b"\n" for f in self._batch)
+        self._batch = []
+        return out
