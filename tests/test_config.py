@@ -533,10 +533,14 @@ def test_attributes_merge_labels_then_regex_then_env_then_env_regex():
     assert list(got) == ["team", "shared", "X_shared"]
 
 
-def test_env_regex_overwrites_env():
-    info = ContainerInfo(env=("K=v",))
-    options = ZmqOptions(address=None, env=("K",), env_regex=re.compile("K"))
-    assert extra_attributes(info, options) == {"K": "v"}
+def test_env_overwrites_a_label_with_the_same_key():
+    info = ContainerInfo(labels={"K": "label", "L": "label"}, env=("K=env", "L=env"))
+    options = ZmqOptions(address=None, labels=("K", "L"), env=("K",), env_regex=re.compile("^L$"))
+    assert extra_attributes(info, options) == {"K": "env", "L": "env"}
+
+
+def test_env_regex_matches_env_names_anywhere():
+    assert attrs(env_regex="_") == {"X_A": "1", "X_B": "2"}
 
 
 def test_tag_is_added_last_and_overwrites_a_label_named_tag():

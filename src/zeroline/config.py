@@ -366,7 +366,7 @@ OPTIONS: dict[str, LogOpt] = {
         ),
         LogOpt(
             "mode", "choice", "blocking",
-            "blocking: the container waits for the driver; non-blocking: lines are buffered, may drop.",
+            "blocking waits for the driver; non-blocking buffers lines and drops new ones if full.",
             ("blocking", "non-blocking"),
         ),
         LogOpt(
