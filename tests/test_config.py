@@ -159,7 +159,7 @@ def test_bool_rejects_what_go_rejects(text):
 def test_options_table_lists_every_log_opt_of_the_driver():
     assert set(OPTIONS) == {
         "zmq-address", "zmq-socket", "zmq-hwm", "zmq-framing", "zmq-container-id",
-        "zmq-line-buffer", "zmq-linger", "zmq-subscriber-wait", "mode", "max-buffer-size",
+        "zmq-line-buffer", "zmq-linger", "zmq-peer-wait", "mode", "max-buffer-size",
         "labels", "labels-regex", "env", "env-regex", "tag",
         "cache-disabled", "cache-max-file", "cache-max-size", "cache-compress",
     }  # fmt: skip
@@ -183,7 +183,7 @@ def test_defaults_of_the_table_match_the_dataclass_defaults():
 def test_valid_opts_are_parsed_into_snake_case_attributes():
     raw = opts(
         zmq_socket="push", zmq_hwm="0", zmq_framing="msgpack", zmq_container_id="full",
-        zmq_line_buffer="1m", zmq_linger="250ms", zmq_subscriber_wait="0", mode="non-blocking",
+        zmq_line_buffer="1m", zmq_linger="250ms", zmq_peer_wait="0", mode="non-blocking",
         max_buffer_size="4m", labels="a, b,,c", labels_regex="^com\\.", env="TENANT_ID",
         env_regex="^X_", tag="{{.Name}}", cache_disabled="true", cache_max_file="5",
         cache_max_size="20m", cache_compress="false",
@@ -192,7 +192,7 @@ def test_valid_opts_are_parsed_into_snake_case_attributes():
     assert got.address == "tcp://collector:5555"
     assert (got.socket, got.hwm, got.framing, got.container_id_format) == ("push", 0, "msgpack", "full")
     assert got.line_buffer == 1048576
-    assert got.linger_s == 0.25 and got.subscriber_wait_s == 0.0
+    assert got.linger_s == 0.25 and got.peer_wait_s == 0.0
     assert got.mode == "non-blocking" and got.max_buffer_size == 4 * 1048576
     assert got.labels == ("a", "b", "c") and got.env == ("TENANT_ID",)
     assert got.labels_regex.pattern == "^com\\." and got.env_regex.pattern == "^X_"
@@ -203,7 +203,7 @@ def test_valid_opts_are_parsed_into_snake_case_attributes():
 def test_defaults_fill_in_missing_opts():
     got = validate_log_opts(ADDRESS)
     assert (got.socket, got.hwm, got.framing, got.container_id_format) == ("pub", 1000, "seed", "short")
-    assert (got.line_buffer, got.linger_s, got.subscriber_wait_s) == (16384, 5.0, 5.0)
+    assert (got.line_buffer, got.linger_s, got.peer_wait_s) == (16384, 5.0, 5.0)
     assert (got.mode, got.max_buffer_size) == ("blocking", 1000000)
     assert (got.labels, got.labels_regex, got.env, got.env_regex, got.tag) == ((), None, (), None, None)
 
@@ -230,7 +230,7 @@ def test_unknown_key_is_named_exactly_with_the_valid_ones():
         validate_log_opts(opts(zmq_adress="x", bogus="1"))
     message = str(exc.value)
     assert message.startswith("unknown log opt 'bogus' for zmq log driver")  # first in sorted order
-    assert "(valid: cache-compress, cache-disabled, " in message and message.endswith("zmq-subscriber-wait)")
+    assert "(valid: cache-compress, cache-disabled, " in message and message.endswith("zmq-socket)")
 
 
 def test_unknown_key_message_names_the_driver():
@@ -296,7 +296,7 @@ def test_cache_options_are_accepted_and_kept():
         ("zmq-line-buffer", "17m", "from 1 byte to 16 MiB"),
         ("zmq-line-buffer", "lots", "expected a number"),
         ("zmq-linger", "-1s", "negative"),
-        ("zmq-subscriber-wait", "soon", "expected a duration"),
+        ("zmq-peer-wait", "soon", "expected a duration"),
         ("cache-disabled", "yes", "expected a boolean"),
     ],
 )

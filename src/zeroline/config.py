@@ -344,7 +344,7 @@ OPTIONS: dict[str, LogOpt] = {
         ),
         LogOpt(
             "zmq-framing", "choice", "seed",
-            "Message layout on the wire: seed (several frames) or msgpack (one msgpack frame).",
+            "Third frame: seed is '<id>: <line>'; msgpack a record with time, source, partial, attrs.",
             ("seed", "msgpack"),
         ),
         LogOpt(
@@ -361,8 +361,8 @@ OPTIONS: dict[str, LogOpt] = {
             "How long to keep sending queued messages when the container stops.",
         ),
         LogOpt(
-            "zmq-subscriber-wait", "duration", "5s",
-            "With pub, how long to wait for the first subscriber before sending.",
+            "zmq-peer-wait", "duration", "5s",
+            "How long to wait for a first peer (pub: subscriber, push: puller); 0 = forever.",
         ),
         LogOpt(
             "mode", "choice", "blocking",
@@ -450,7 +450,7 @@ class ZmqOptions:
     container_id_format: str = "short"
     line_buffer: int = 16384
     linger_s: float = 5.0
-    subscriber_wait_s: float = 5.0
+    peer_wait_s: float = 5.0
     mode: str = "blocking"
     max_buffer_size: int = 1000000
     labels: tuple[str, ...] = ()
@@ -469,7 +469,7 @@ _ATTRIBUTES = {
     "zmq-container-id": "container_id_format",
     "zmq-line-buffer": "line_buffer",
     "zmq-linger": "linger_s",
-    "zmq-subscriber-wait": "subscriber_wait_s",
+    "zmq-peer-wait": "peer_wait_s",
     "mode": "mode",
     "max-buffer-size": "max_buffer_size",
     "labels": "labels",
