@@ -1,0 +1,329 @@
+"""The ``zeroline`` command: ``forward`` (a pipe or file to ZeroMQ) and ``collect`` (the receiver).
+
+User mistakes give one line on stderr and exit status 2; an endpoint that cannot be used gives one
+line and status 1; never a traceback.
+"""
+
+import argparse
+import dataclasses
+import os
+import select
+import shutil
+import signal
+import socket as _socket
+import sys
+import tempfile
+import threading
+import time
+
+from . import core
+from .config import OPTIONS, ContainerInfo, validate_log_opts
+from .errors import ConfigError, TransportError, ZerolineError
+
+#: Bytes asked for in one read: one crossing into the compiled core per read.
+READ_BYTES = 1 << 20
+#: Where the embedded collector writes when no zmq-address is given.
+DEFAULT_OUT_DIR = "zeroline-logs"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Shutdown(BaseException):
+    """Raised from a signal handler to leave a blocking read or send; carries the signal number."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _say(text):
+    sys.stderr.write("zeroline: %s\n" % text)
+    sys.stderr.flush()
+
+
+def _version_text():
+    import zmq
+
+    from . import __version__
+
+    core_name = core.IMPLEMENTATION
+    if core_name == "cython":
+        core_name += ", libzmq %s" % core._impl.libzmq_version()
+    return "zeroline %s (core: %s; pyzmq %s)" % (__version__, core_name, zmq.__version__)
+
+
+def _log_opts_help():
+    lines = ["log-opts (--log-opt KEY=VALUE, repeatable; the same keys as the Docker plugin):"]
+    for opt in OPTIONS.values():
+        if opt.name.startswith("cache-"):
+            continue
+        default = "" if opt.default in (None, "") else " [default: %s]" % opt.default
+        choices = " (%s)" % "|".join(opt.choices) if opt.choices else ""
+        lines.append("  %-20s %s%s%s" % (opt.name, opt.help, choices, default))
+    lines.append("  cache-*              Docker's own cache keys: accepted and ignored.")
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line and status 2, as for every other user mistake.
+        self.exit(EXIT_USAGE, "zeroline: error: %s (see '%s --help')\n" % (message, self.prog))
+
+
+def _parse_log_opts(pairs):
+    raw = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError("--log-opt expects KEY=VALUE, got %r" % (pair,))
+        raw[key] = value
+    return raw
+
+
+def build_parser():
+    parser = _Parser(
+        prog="zeroline",
+        description="Forward container log lines to a ZeroMQ log processing center, cut exactly as "
+                    "Docker's log copier cuts them.",
+    )
+    parser.add_argument("--version", action="store_true", help="print version and core, then exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    fwd = sub.add_parser(
+        "forward",
+        help="forward lines from stdin or a file/FIFO to a zmq endpoint",
+        description="Read INPUT (stdin by default, or a file or FIFO), cut it into lines as Docker "
+                    "does (16 KiB partial chunks, a trailing unterminated line flushed at EOF) and "
+                    "send each as [tenant, service, payload]. Without zmq-address an embedded "
+                    "collector is started and writes to --out. At EOF everything is flushed and "
+                    "sent, then it waits up to zmq-linger for the queue to drain.",
+        epilog=_log_opts_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fwd.add_argument("input", nargs="?", default="-", metavar="INPUT",
+                     help="file or FIFO to read; '-' or nothing for stdin")
+    fwd.add_argument("--log-opt", action="append", default=[], metavar="KEY=VALUE",
+                     help="driver option (see below)")
+    fwd.add_argument("--container-id", default=None, metavar="ID",
+                     help="container id for the payload prefix (default: this host's name)")
+    fwd.add_argument("--container-name", default="", metavar="NAME", help="container name")
+    fwd.add_argument("--source", choices=("stdout", "stderr"), default="stdout",
+                     help="source stamped on every message (default: stdout)")
+    fwd.add_argument("--out", default=DEFAULT_OUT_DIR, metavar="DIR",
+                     help="embedded collector only: where OUT/<tenant>/<service>.log goes "
+                          "(default: ./%s)" % DEFAULT_OUT_DIR)
+    fwd.add_argument("--stats", action="store_true", help="print counters on stderr at the end")
+
+    col = sub.add_parser(
+        "collect",
+        help="receive lines and write them to files or stdout",
+        description="Bind PULL (--bind, for push forwarders) and/or SUB (--bind-sub, for pub "
+                    "forwarders and the original driver) sockets and write every received line "
+                    "to OUT/<tenant>/<service>.log or to stdout. Runs until SIGINT/SIGTERM.",
+    )
+    col.add_argument("--bind", action="append", default=[], metavar="ENDPOINT",
+                     help="bind a PULL socket (repeatable)")
+    col.add_argument("--bind-sub", action="append", default=[], metavar="ENDPOINT",
+                     help="bind a SUB socket subscribed to everything (repeatable)")
+    where = col.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", metavar="DIR", help="write OUT/<tenant>/<service>.log")
+    where.add_argument("--stdout", action="store_true", help="print lines on stdout")
+    col.add_argument("--format", choices=("text", "json"), default="text",
+                     help="text: the payload as received; json: every field (default: text)")
+    col.add_argument("--count", type=int, default=None, metavar="N",
+                     help="exit after N messages (for scripts and tests)")
+    col.add_argument("--stats", action="store_true", help="print counters on stderr at exit")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+
+def _open_input(path):
+    if path == "-":
+        return sys.stdin.fileno(), False
+    try:
+        return os.open(path, os.O_RDONLY), True
+    except OSError as exc:
+        raise ConfigError("cannot read input %s: %s" % (path, exc.strerror)) from None
+
+
+class _EmbeddedCollector:
+    """A collector in a thread of this process, on a private ipc:// endpoint."""
+
+    def __init__(self, out_dir, kind):
+        from .collector import Collector
+
+        self.tmp = tempfile.mkdtemp(prefix="zeroline-")
+        self.endpoint = "ipc://" + os.path.join(self.tmp, "collector.ipc")
+        self.collector = Collector(out_dir=out_dir)
+        self.collector.bind(self.endpoint, "sub" if kind == "pub" else "pull")
+        self.thread = threading.Thread(target=self.collector.run, name="zeroline-collector",
+                                       daemon=True)
+        self.thread.start()
+
+    def finish(self, expected, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        while self.collector.messages_total < expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.collector.stop()
+        self.thread.join()
+        paths = self.collector.paths()
+        self.collector.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return paths
+
+
+def _install_signals():
+    state = {"count": 0}
+
+    def handler(signum, frame):
+        state["count"] += 1
+        if state["count"] > 1:
+            os._exit(128 + signum)      # a second signal: leave at once
+        raise _Shutdown(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _pump(fd, stream, sock, blocking):
+    """Read until EOF: one feed and one batch send per read."""
+    while True:
+        if not blocking and stream.pending_messages:
+            # Non-blocking: keep the queue moving while the input is idle.
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if not ready:
+                stream.send(sock, block=False)
+                continue
+        data = os.read(fd, READ_BYTES)
+        if not data:
+            return
+        stream.feed(data)
+        stream.send(sock, block=blocking)
+
+
+def _drain(stream, sock, timeout_s):
+    """Send what is pending, waiting at most ``timeout_s``; returns messages left unsent."""
+    timer = threading.Timer(timeout_s, stream.cancel) if timeout_s > 0 else None
+    if timer is not None:
+        timer.start()
+    try:
+        stream.send(sock, block=True)
+    finally:
+        if timer is not None:
+            timer.cancel()
+    return stream.pending_messages
+
+
+def cmd_forward(args):
+    raw = _parse_log_opts(args.log_opt)
+    opts = validate_log_opts(raw, require_address=False)
+    fd, own_fd = _open_input(args.input)
+    embedded = None
+    if opts.address is None:
+        embedded = _EmbeddedCollector(args.out, opts.socket)
+        opts = dataclasses.replace(opts, address=embedded.endpoint)
+    container_id = args.container_id if args.container_id is not None else _socket.gethostname()
+    info = ContainerInfo(container_id=container_id, container_name=args.container_name,
+                         env=tuple("%s=%s" % kv for kv in os.environ.items()))
+    from .output import Sink
+
+    sink = Sink(opts)
+    stream = sink.stream(info, args.source)
+    status = EXIT_OK
+    unsent = 0
+    try:
+        _install_signals()
+        try:
+            sink.wait_for_peer()
+            _pump(fd, stream, sink.socket, opts.mode == "blocking")
+        except _Shutdown as stop:
+            status = EXIT_INTERRUPTED if stop.signum == signal.SIGINT else EXIT_OK
+        # EOF or a signal: flush unterminated text (closing its partial group) and send the rest.
+        stream.close()
+        try:
+            unsent = _drain(stream, sink.socket, opts.linger_s)
+        except _Shutdown as stop:
+            status = EXIT_INTERRUPTED if stop.signum == signal.SIGINT else status
+            unsent = stream.pending_messages
+    finally:
+        confirmed = sink.close()
+        if own_fd:
+            os.close(fd)
+    paths = embedded.finish(stream.sent_total, max(opts.linger_s, 5.0)) if embedded else []
+    dropped = stream.dropped_total + unsent
+    if args.stats:
+        _say("%d lines, %d bytes, %d partial groups, %d messages sent, %d dropped "
+             "(ring full: %d, unsent at exit: %d) -> %s%s" % (
+                 stream.lines_total, stream.bytes_total, stream.partial_groups_total,
+                 stream.sent_total, dropped, stream.dropped_total, unsent, sink.endpoint,
+                 "" if confirmed else " (delivery not confirmed: linger ran out)"))
+    elif dropped:
+        _say("dropped %d messages (ring full: %d, unsent at exit: %d)"
+             % (dropped, stream.dropped_total, unsent))
+    if not confirmed and not args.stats:
+        _say("warning: zmq-linger ran out before the send queue drained; lines may be lost")
+    if embedded:
+        _say("%d lines -> embedded collector -> %s" % (stream.sent_total, ", ".join(paths) or args.out))
+    return status
+
+
+# --------------------------------------------------------------------------------------------
+# collect
+
+def cmd_collect(args):
+    from .collector import Collector
+
+    if not args.bind and not args.bind_sub:
+        raise ConfigError("collect needs at least one --bind or --bind-sub ENDPOINT")
+    out = sys.stdout.buffer if args.stdout else None
+    collector = Collector(out_dir=None if out else args.out, out=out, fmt=args.format)
+    status = EXIT_OK
+    try:
+        for endpoint in args.bind:
+            collector.bind(endpoint, "pull")
+        for endpoint in args.bind_sub:
+            collector.bind(endpoint, "sub")
+        _install_signals()
+        try:
+            collector.run(until_messages=args.count)
+        except _Shutdown as stop:
+            status = EXIT_INTERRUPTED if stop.signum == signal.SIGINT else EXIT_OK
+    finally:
+        collector.close()
+    if args.stats:
+        _say(collector.stats_line())
+    return status
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(_version_text())
+        return EXIT_OK
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if args.command == "forward":
+            return cmd_forward(args)
+        return cmd_collect(args)
+    except ConfigError as exc:
+        _say("error: %s" % exc)
+        return EXIT_USAGE
+    except (TransportError, ZerolineError) as exc:
+        _say("error: %s" % exc)
+        return EXIT_FAILURE
+    except BrokenPipeError:
+        return EXIT_FAILURE
+    except _Shutdown as stop:
+        return EXIT_INTERRUPTED if stop.signum == signal.SIGINT else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
