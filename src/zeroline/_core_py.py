@@ -263,6 +263,7 @@ class Stream:
         self._pending = []          # [payload, line_len]
         self._pending_line_bytes = 0
         self._pid = os.getpid()
+        self._cancel = False
         self.messages_total = 0
         self.sent_total = 0
         self.dropped_total = 0
@@ -335,12 +336,16 @@ class Stream:
         self._pending = []
         self._pending_line_bytes = 0
 
+    def cancel(self):
+        """Make a blocking ``send()`` in another thread return at its next wake-up (<= 100 ms)."""
+        self._cancel = True
+
     def send(self, socket, block=True):
         """Send pending messages on a pyzmq socket; return how many went out.
 
         With ``block=False`` it stops at the first message the socket will not take (high-water
         mark, no peer) and keeps the rest pending. With ``block=True`` it waits for the socket,
-        waking every 100 ms so Ctrl-C and signals are noticed.
+        waking every 100 ms so Ctrl-C, signals and ``cancel()`` are noticed.
 
         Raises:
             TransportError: closed socket, use from a forked child, or a send error.
@@ -352,6 +357,7 @@ class Stream:
         tenant, service = self._framer.tenant, self._framer.service
         sent = 0
         pending = self._pending
+        self._cancel = False
         try:
             while sent < len(pending):
                 payload, size = pending[sent]
@@ -359,7 +365,7 @@ class Stream:
                     # EAGAIN can only come on the first frame; after it the message is committed.
                     socket.send(tenant, zmq.SNDMORE | zmq.DONTWAIT, copy=True)
                 except zmq.Again:
-                    if not block:
+                    if not block or self._cancel:
                         break
                     socket.poll(_POLL_SLICE_MS, zmq.POLLOUT)
                     continue
