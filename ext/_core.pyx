@@ -961,6 +961,7 @@ cdef class Receiver:
 
     def __init__(self, max_frame_bytes=64 * 1024 * 1024):
         self._max_frame_bytes = max_frame_bytes
+        self._pid = getpid()
 
     def __dealloc__(self):
         free(self._batch.data)
@@ -980,6 +981,8 @@ cdef class Receiver:
         cdef int err = 0, rc
         cdef long slice_ms
         cdef long left = timeout_ms
+        if getpid() != self._pid:
+            raise TransportError("cannot receive: this socket belongs to the parent process (fork)")
         while True:
             slice_ms = POLL_SLICE_MS if left < 0 or left > POLL_SLICE_MS else left
             with nogil:

@@ -67,7 +67,7 @@ def test_embedded_default_writes_every_line(short_dir):
     assert proc.returncode == 0, proc.stderr
     with open(os.path.join(short_dir, "zeroline-logs", "default", "default.log"), "rb") as f:
         assert f.read() == b"c0ffee: hello\nc0ffee: world\nc0ffee: no newline\n"
-    assert b"3 lines -> embedded collector" in proc.stderr
+    assert b"3 messages -> embedded collector" in proc.stderr
 
 
 def test_tenant_and_service_come_from_the_environment(short_dir):

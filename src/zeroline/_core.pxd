@@ -88,6 +88,7 @@ cdef class Receiver:
     cdef zl_buffer _batch
     cdef size_t _max_frame_bytes
     cdef uint64_t _count
+    cdef long _pid
     cdef readonly uint64_t messages_total
     cdef readonly uint64_t bytes_total
     cdef readonly uint64_t malformed_total

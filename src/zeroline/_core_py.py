@@ -392,6 +392,7 @@ class Receiver:
 
     def __init__(self, max_frame_bytes=64 * 1024 * 1024):
         self.max_frame_bytes = max_frame_bytes
+        self._pid = os.getpid()
         self._batch = []
         self.messages_total = 0
         self.bytes_total = 0
@@ -405,6 +406,8 @@ class Receiver:
         """Receive up to ``max_messages``; return how many well-formed ones were added."""
         if socket.closed:
             raise TransportError("cannot receive: the zmq socket is closed")
+        if os.getpid() != self._pid:
+            raise TransportError("cannot receive: this socket belongs to the parent process (fork)")
         got = 0
         if not socket.poll(timeout_ms, zmq.POLLIN):
             return 0

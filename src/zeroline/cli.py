@@ -165,9 +165,14 @@ class _EmbeddedCollector:
                                        daemon=True)
         self.thread.start()
 
-    def finish(self, expected, timeout_s):
-        deadline = time.monotonic() + timeout_s
-        while self.collector.messages_total < expected and time.monotonic() < deadline:
+    def finish(self, expected, stall_s):
+        # Wait for every sent message; give up only when nothing arrives for stall_s.
+        seen, last_progress = -1, time.monotonic()
+        while self.collector.messages_total < expected:
+            if self.collector.messages_total != seen:
+                seen, last_progress = self.collector.messages_total, time.monotonic()
+            elif time.monotonic() - last_progress > stall_s:
+                break
             time.sleep(0.01)
         self.collector.stop()
         self.thread.join()
@@ -268,7 +273,7 @@ def cmd_forward(args):
     if not confirmed and not args.stats:
         _say("warning: zmq-linger ran out before the send queue drained; lines may be lost")
     if embedded:
-        _say("%d lines -> embedded collector -> %s" % (stream.sent_total, ", ".join(paths) or args.out))
+        _say("%d messages -> embedded collector -> %s" % (stream.sent_total, ", ".join(paths) or args.out))
     return status
 
 

@@ -4,6 +4,7 @@ import base64
 import json
 import os
 import threading
+import time
 
 import zmq
 
@@ -11,6 +12,9 @@ from . import core
 from .errors import ConfigError, ProtocolError, TransportError
 
 FORMATS = ("text", "json")
+#: How long the chunks of a long line wait for the rest of their group before they are written
+#: one per line as they are (a forwarder that died mid-line never sends the last chunk).
+REASSEMBLY_WAIT_S = 5.0
 
 
 def safe_path_part(value):
@@ -69,7 +73,9 @@ class Collector:
         self._receiver = core.Receiver()
         self._files = {}
         self._stop = threading.Event()
+        self._groups = {}       # partial id -> (first seen, tenant, service, prefix, [chunks])
         self.decode_errors_total = 0
+        self.partial_expired_total = 0
 
     messages_total = property(lambda self: self._receiver.messages_total)
     bytes_total = property(lambda self: self._receiver.bytes_total)
@@ -109,6 +115,8 @@ class Collector:
             for sock, _ in poller.poll(100):
                 self._receiver.recv(sock, 65536, 0)
             self._write(self._receiver.take())
+            if self._groups:
+                self._expire_groups(time.monotonic() - REASSEMBLY_WAIT_S)
         self.flush()
 
     def _write(self, batch):
@@ -118,11 +126,37 @@ class Collector:
             except ProtocolError:
                 self.decode_errors_total += 1
                 continue
-            data = render(message, self.fmt) + b"\n"
-            if self.out is not None:
-                self.out.write(data)
-            else:
-                self._file(message["tenant"], message["service"]).write(data)
+            partial = message.get("partial")
+            if partial is not None and self.fmt == "text":
+                self._reassemble(message, partial)
+                continue
+            self._emit(message["tenant"], message["service"], render(message, self.fmt))
+
+    def _emit(self, tenant, service, line):
+        if self.out is not None:
+            self.out.write(line + b"\n")
+        else:
+            self._file(tenant, service).write(line + b"\n")
+
+    def _reassemble(self, message, partial):
+        # Text output shows a long line as one line once all its chunks are here.
+        key = partial["id"]
+        group = self._groups.get(key)
+        if group is None:
+            prefix = render(dict(message, line=b""), "text")
+            group = self._groups[key] = (time.monotonic(), message["tenant"], message["service"],
+                                         prefix, [])
+        group[4].append(message["line"])
+        if partial["last"]:
+            del self._groups[key]
+            self._emit(group[1], group[2], group[3] + b"".join(group[4]))
+
+    def _expire_groups(self, older_than):
+        for key in [k for k, g in self._groups.items() if g[0] <= older_than]:
+            _, tenant, service, prefix, chunks = self._groups.pop(key)
+            self.partial_expired_total += 1
+            for chunk in chunks:
+                self._emit(tenant, service, prefix + chunk)
 
     def _file(self, tenant, service):
         key = (tenant, service)
@@ -145,6 +179,8 @@ class Collector:
             self.out.flush()
 
     def close(self):
+        if self._groups:
+            self._expire_groups(float("inf"))
         self.flush()
         for handle in self._files.values():
             handle.close()
@@ -156,6 +192,7 @@ class Collector:
             self.context.term()
 
     def stats_line(self):
-        return "received %d messages (%d payload bytes), %d malformed" % (
-            self.messages_total, self.bytes_total, self.malformed_total)
+        return "received %d messages (%d payload bytes), %d malformed, %d partial groups " \
+            "incomplete" % (self.messages_total, self.bytes_total, self.malformed_total,
+                            self.partial_expired_total)
 
