@@ -90,6 +90,7 @@ cdef enum:
     ZMQ_POLLIN = 1
     ZMQ_POLLOUT = 2
     POLL_SLICE_MS = 100     # longest nogil wait before signals and cancel() are looked at
+    PENDING_KEEP_BYTES = 64 * 1024   # batch buffer capacity kept by a stream once drained
 
 
 cdef void *_resolve(void *handle, const char *name) except NULL:
@@ -270,6 +271,7 @@ ctypedef int (*zl_emit_fn)(void *ctx, const char *line, size_t n, int64_t time_n
                            const char *partial_id, int ordinal, bint last) except -1 nogil
 
 cdef const char *HEX = b"0123456789abcdef"
+cdef const char *EMPTY = b""
 
 
 cdef inline uint64_t _splitmix64(uint64_t *state) noexcept nogil:
@@ -320,9 +322,8 @@ cdef inline int64_t _now_ns() noexcept nogil:
 
 
 cdef int _cutter_init(zl_cutter *c, size_t limit, object id_seed) except -1:
-    c.held = <char *>malloc(limit)
-    if c.held == NULL:
-        raise MemoryError()
+    # The hold buffer is allocated on first use: an idle stream costs no 16 KiB.
+    c.held = NULL
     c.held_len = 0
     c.limit = limit
     c.group_open = False
@@ -393,6 +394,11 @@ cdef int _cut_feed(zl_cutter *c, const char *data, size_t size, int64_t t,
                 _emit_chunk(c, c.held, c.limit, t, False, emit, ctx)
             pos += window
         else:
+            if c.held == NULL:
+                c.held = <char *>malloc(c.limit)
+                if c.held == NULL:
+                    with gil:
+                        raise MemoryError()
             memcpy(c.held + c.held_len, data + pos, size - pos)
             c.held_len += size - pos
             pos = size
@@ -407,7 +413,7 @@ cdef int _cut_close(zl_cutter *c, int64_t t, zl_emit_fn emit, void *ctx) except 
     if c.held_len or c.group_open:
         n = c.held_len
         c.held_len = 0
-        _emit_chunk(c, c.held, n, t, True, emit, ctx)
+        _emit_chunk(c, <const char *>c.held if c.held != NULL else EMPTY, n, t, True, emit, ctx)
     return 0
 
 
@@ -653,6 +659,11 @@ cdef int _send_some(zl_framer *f, void *sock, bint block, const char *tenant, si
         f.pending_line_bytes -= llen
         sent[0] += 1
     _buf_reset(b)
+    if b.capacity > PENDING_KEEP_BYTES:
+        # Everything went out: give a large batch buffer back, so idle streams stay small.
+        free(b.data)
+        b.data = NULL
+        b.capacity = 0
     return SEND_DONE
 
 
