@@ -117,6 +117,30 @@ def build_parser():
                           "(default: ./%s)" % DEFAULT_OUT_DIR)
     fwd.add_argument("--stats", action="store_true", help="print counters on stderr at the end")
 
+    run = sub.add_parser(
+        "run",
+        help="run a command and forward its stdout and stderr",
+        description="Run CMD with its stdout and stderr as two streams (sources stdout/stderr), "
+                    "cut and forward both, pass signals on to CMD and exit with its exit status "
+                    "(128+N when a signal N ended it). TENANT_ID/SERVICE_ID come from CMD's "
+                    "environment. Without zmq-address an embedded collector writes to --out.",
+        epilog=_log_opts_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+                     help="the command to run")
+    run.add_argument("--log-opt", action="append", default=[], metavar="KEY=VALUE",
+                     help="driver option (see below)")
+    run.add_argument("--container-id", default=None, metavar="ID",
+                     help="container id for the payload prefix (default: this host's name)")
+    run.add_argument("--container-name", default="", metavar="NAME", help="container name")
+    run.add_argument("--out", default=DEFAULT_OUT_DIR, metavar="DIR",
+                     help="embedded collector only: where OUT/<tenant>/<service>.log goes "
+                          "(default: ./%s)" % DEFAULT_OUT_DIR)
+    run.add_argument("--stats", action="store_true", help="print counters on stderr at the end")
+    run.add_argument("--stats-interval", type=float, default=0, metavar="SECONDS",
+                     help="also print one line of counters every SECONDS")
+
     col = sub.add_parser(
         "collect",
         help="receive lines and write them to files or stdout",
@@ -278,6 +302,129 @@ def cmd_forward(args):
 
 
 # --------------------------------------------------------------------------------------------
+# run
+
+#: After CMD exits, how long its pipes may stay silent (a background grandchild holding them)
+#: before zeroline stops reading them.
+EOF_STALL_S = 2.0
+#: Signals passed on to CMD.
+PASSED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                  signal.SIGUSR2, signal.SIGWINCH)
+
+
+async def _supervise(child, sink, info, opts, args):
+    import asyncio
+
+    from .supervisor import Supervisor
+
+    loop = asyncio.get_running_loop()
+    sup = Supervisor(sink.socket, loop)
+    for source, pipe in (("stdout", child.stdout), ("stderr", child.stderr)):
+        fd = os.dup(pipe.fileno())
+        pipe.close()
+        sup.add(fd, sink.stream(info, source), "%s/%s" % (info.short_id, source),
+                blocking=opts.mode == "blocking")
+
+    exited = loop.create_future()
+    pidfd = os.pidfd_open(child.pid)
+
+    def on_exit():
+        loop.remove_reader(pidfd)
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
+    received = {}
+
+    def on_signal(signum):
+        received[signum] = received.get(signum, 0) + 1
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+        if signum in (signal.SIGINT, signal.SIGTERM) and received[signum] > 1:
+            os._exit(128 + signum)      # a second signal: leave at once
+
+    for signum in PASSED_SIGNALS:
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    ticker = None
+    if args.stats_interval > 0:
+        def tick():
+            nonlocal ticker
+            _say(sup.stats_line())
+            ticker = loop.call_later(args.stats_interval, tick)
+        ticker = loop.call_later(args.stats_interval, tick)
+
+    await exited
+    os.close(pidfd)
+    child.wait()
+    # CMD is gone: read its pipes to the end (in blocking mode that may wait for the collector),
+    # unless they stay silent because a background grandchild still holds them.
+    last, last_change = None, time.monotonic()
+    while not await sup.wait(timeout=0.05):
+        st = sup.stats()
+        progress = (st["bytes_total"], st["sent_total"])
+        if progress != last:
+            last, last_change = progress, time.monotonic()
+        elif time.monotonic() - last_change > EOF_STALL_S and not sup._backlog:
+            sup.stop_reading()
+    unsent = await sup.drain(opts.linger_s)
+    if ticker is not None:
+        ticker.cancel()
+    for signum in PASSED_SIGNALS:
+        loop.remove_signal_handler(signum)
+    sup.close()
+    return sup, unsent
+
+
+def cmd_run(args):
+    import subprocess
+
+    import uvloop
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise ConfigError("run needs a command: zeroline run [OPTIONS] -- CMD [ARGS...]")
+    raw = _parse_log_opts(args.log_opt)
+    opts = validate_log_opts(raw, require_address=False)
+    embedded = None
+    if opts.address is None:
+        embedded = _EmbeddedCollector(args.out, opts.socket)
+        opts = dataclasses.replace(opts, address=embedded.endpoint)
+    container_id = args.container_id if args.container_id is not None else _socket.gethostname()
+    info = ContainerInfo(container_id=container_id, container_name=args.container_name,
+                         env=tuple("%s=%s" % kv for kv in os.environ.items()))
+    from .output import Sink
+
+    sink = Sink(opts)
+    try:
+        sink.wait_for_peer()
+        try:
+            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            _say("error: cannot run %s: %s" % (cmd[0], exc.strerror))
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        sup, unsent = uvloop.run(_supervise(child, sink, info, opts, args))
+    finally:
+        confirmed = sink.close()
+    status = child.returncode if child.returncode >= 0 else 128 - child.returncode
+    sent = sup.stats()["sent_total"]
+    paths = embedded.finish(sent, max(opts.linger_s, 5.0)) if embedded else []
+    st = sup.stats()
+    if args.stats:
+        _say(sup.stats_line() + ("" if unsent == 0 else ", %d unsent at exit" % unsent))
+    elif st["dropped_total"] or unsent:
+        _say("dropped %d messages (buffer full: %d, unsent at exit: %d)"
+             % (st["dropped_total"] + unsent, st["dropped_total"], unsent))
+    if not confirmed:
+        _say("warning: zmq-linger ran out before the send queue drained; lines may be lost")
+    if embedded:
+        _say("%d messages -> embedded collector -> %s" % (sent, ", ".join(paths) or args.out))
+    return status
+
+
+# --------------------------------------------------------------------------------------------
 # collect
 
 def cmd_collect(args):
@@ -317,6 +464,8 @@ def main(argv=None):
     try:
         if args.command == "forward":
             return cmd_forward(args)
+        if args.command == "run":
+            return cmd_run(args)
         return cmd_collect(args)
     except ConfigError as exc:
         _say("error: %s" % exc)

@@ -1,0 +1,252 @@
+"""The control plane: a uvloop event loop running per-source copiers that feed one ZeroMQ sink.
+
+Each copier owns a non-blocking file descriptor (a container's stdout or stderr, a FIFO) and a
+:class:`zeroline.core.Stream`. When the fd is readable the copier reads one buffer and hands it to the
+compiled core in a single call (cut + frame, GIL released), then the supervisor sends the batch
+without blocking. All sends happen on the loop thread, so the one ZeroMQ socket is only ever used by
+one thread. See docs/design.md for why copiers are loop readers and not worker threads.
+
+Backpressure follows Docker's modes (docs/docker-logging.md §3):
+
+* blocking (default): when the socket refuses a message (PUSH at its high-water mark or without a
+  peer, XPUB with a slow subscriber), every blocking copier stops reading, so writers block on
+  their full pipes; reading resumes once the backlog is sent. Nothing is lost and memory is bounded
+  by one read buffer per stream.
+* non-blocking: a copier never stops reading; its Stream queues up to ``max-buffer-size`` line bytes
+  and drops the incoming message beyond that (counted per stream, first drop logged once).
+"""
+
+import asyncio
+import os
+import sys
+import time
+
+import zmq
+
+#: Bytes one copier reads per readiness event: one crossing into the core per read.
+READ_BYTES = 64 * 1024
+#: While the sink refuses messages, retry at least this often (the zmq FD is edge-triggered).
+RETRY_S = 0.005
+
+
+def _log(text):
+    sys.stderr.write("zeroline: %s\n" % text)
+    sys.stderr.flush()
+
+
+class Copier:
+    """Copies one fd into one Stream. Created by :meth:`Supervisor.add`."""
+
+    def __init__(self, supervisor, fd, stream, name, blocking):
+        self.supervisor = supervisor
+        self.fd = fd
+        self.stream = stream
+        self.name = name
+        self.blocking = blocking
+        self.reading = False
+        self.eof = False
+        self.read_errors_total = 0
+        self._drop_logged = False
+        os.set_blocking(fd, False)
+
+    def _start(self):
+        if not self.reading and not self.eof:
+            self.supervisor.loop.add_reader(self.fd, self._on_readable)
+            self.reading = True
+
+    def _stop(self):
+        if self.reading:
+            self.supervisor.loop.remove_reader(self.fd)
+            self.reading = False
+
+    def _on_readable(self):
+        try:
+            data = os.read(self.fd, READ_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            # Docker's copier stops on a read error too; ours also flushes what it holds.
+            self.read_errors_total += 1
+            _log("%s: read error, closing the stream: %s" % (self.name, exc.strerror))
+            data = b""
+        if not data:
+            self.finish()
+            return
+        dropped = self.stream.dropped_total
+        self.stream.feed(data)
+        if self.stream.dropped_total != dropped and not self._drop_logged:
+            self._drop_logged = True
+            _log("%s: non-blocking buffer full, dropping lines (counted in the stats)" % self.name)
+        self.supervisor._send(self)
+
+    def finish(self):
+        """EOF (or shutdown): stop reading, flush unterminated text, close the fd."""
+        if self.eof:
+            return
+        self._stop()
+        self.eof = True
+        self.stream.close()
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.supervisor._send(self)
+        self.supervisor._copier_done(self)
+
+
+class Supervisor:
+    """Runs copiers on an asyncio (uvloop) loop and sends their batches on one socket.
+
+    Args:
+        socket: the connected pyzmq socket (see :class:`zeroline.output.Sink`).
+        loop: the running event loop.
+    """
+
+    def __init__(self, socket, loop):
+        self.socket = socket
+        self.loop = loop
+        self.copiers = []
+        self._backlog = []          # copiers with messages the socket refused, in arrival order
+        self._retry_handle = None
+        self._zmq_fd = socket.getsockopt(zmq.FD)
+        self._watching_fd = False
+        self._open = 0
+        self._all_done = loop.create_future()
+        self._all_done.set_result(None)
+        self.blocked_total = 0
+
+    # -- copiers --------------------------------------------------------------------------------
+    def add(self, fd, stream, name, blocking=True):
+        """Start copying ``fd`` into ``stream``; returns the :class:`Copier`."""
+        copier = Copier(self, fd, stream, name, blocking)
+        self.copiers.append(copier)
+        self._open += 1
+        if self._all_done.done():
+            self._all_done = self.loop.create_future()
+        if not (blocking and self._backlog):
+            copier._start()
+        return copier
+
+    def _copier_done(self, copier):
+        self._open -= 1
+        self._check_done()
+
+    def _check_done(self):
+        if self._open == 0 and not self._backlog and not self._all_done.done():
+            self._all_done.set_result(None)
+
+    async def wait(self, timeout=None):
+        """Wait until every copier reached EOF and everything was sent; False on timeout."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._all_done), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def stop_reading(self):
+        """Shutdown: stop every copier (flushing what it holds) without waiting for EOF."""
+        for copier in self.copiers:
+            copier.finish()
+
+    # -- sending ----------------------------------------------------------------------------------
+    def _send(self, copier):
+        stream = copier.stream
+        if not stream.pending_messages:
+            self._check_done()
+            return
+        if not self._backlog:
+            stream.send(self.socket, block=False)
+            if not stream.pending_messages:
+                return
+            self._block()
+        if copier not in self._backlog:
+            self._backlog.append(copier)
+        if copier.blocking:
+            copier._stop()
+
+    def _block(self):
+        # The socket refused a message: blocking copiers stop reading until the backlog is sent.
+        self.blocked_total += 1
+        for copier in self.copiers:
+            if copier.blocking:
+                copier._stop()
+        if not self._watching_fd:
+            self.loop.add_reader(self._zmq_fd, self._retry)
+            self._watching_fd = True
+        self._schedule_retry()
+
+    def _schedule_retry(self):
+        if self._retry_handle is None:
+            self._retry_handle = self.loop.call_later(RETRY_S, self._retry)
+
+    def _retry(self):
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        # Round-robin: whoever is first in the backlog goes first; a partly sent one goes last.
+        while self._backlog:
+            copier = self._backlog[0]
+            copier.stream.send(self.socket, block=False)
+            if copier.stream.pending_messages:
+                self._backlog.append(self._backlog.pop(0))
+                self._schedule_retry()
+                return
+            self._backlog.pop(0)
+        if self._watching_fd:
+            self.loop.remove_reader(self._zmq_fd)
+            self._watching_fd = False
+        for copier in self.copiers:
+            copier._start()
+        self._check_done()
+
+    # -- counters -------------------------------------------------------------------------------
+    def stats(self):
+        """Totals over every copier, plus per-copier drops (only those with drops)."""
+        totals = {"streams": len(self.copiers), "open_streams": self._open,
+                  "lines_total": 0, "bytes_total": 0, "partial_groups_total": 0,
+                  "sent_total": 0, "dropped_total": 0, "pending_messages": 0,
+                  "read_errors_total": 0, "blocked_total": self.blocked_total}
+        drops = {}
+        for copier in self.copiers:
+            s = copier.stream
+            totals["lines_total"] += s.lines_total
+            totals["bytes_total"] += s.bytes_total
+            totals["partial_groups_total"] += s.partial_groups_total
+            totals["sent_total"] += s.sent_total
+            totals["dropped_total"] += s.dropped_total
+            totals["pending_messages"] += s.pending_messages
+            totals["read_errors_total"] += copier.read_errors_total
+            if s.dropped_total:
+                drops[copier.name] = drops.get(copier.name, 0) + s.dropped_total
+        totals["dropped_by_stream"] = drops
+        return totals
+
+    def stats_line(self):
+        st = self.stats()
+        line = ("%d lines, %d bytes, %d partial groups, %d sent, %d dropped, %d pending, "
+                "%d/%d streams open" % (st["lines_total"], st["bytes_total"],
+                                        st["partial_groups_total"], st["sent_total"],
+                                        st["dropped_total"], st["pending_messages"],
+                                        st["open_streams"], st["streams"]))
+        if st["dropped_by_stream"]:
+            line += " (drops: %s)" % ", ".join("%s=%d" % kv for kv in st["dropped_by_stream"].items())
+        return line
+
+    async def drain(self, timeout_s):
+        """Send the backlog, waiting at most ``timeout_s``; returns messages left unsent."""
+        deadline = time.monotonic() + timeout_s
+        while self._backlog and time.monotonic() < deadline:
+            self._retry()
+            if self._backlog:
+                await asyncio.sleep(RETRY_S)
+        return sum(c.stream.pending_messages for c in self.copiers)
+
+    def close(self):
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        if self._watching_fd:
+            self.loop.remove_reader(self._zmq_fd)
+            self._watching_fd = False
+        for copier in self.copiers:
+            copier._stop()
