@@ -16,7 +16,8 @@ from libc.errno cimport errno, EAGAIN, EINTR
 
 import os
 
-from zeroline._core_py import Message, Partial, DEFAULT_LINE_BUFFER, SOURCES, FRAMINGS
+from zeroline._core_py import (Message, Partial, DEFAULT_LINE_BUFFER, SOURCES, FRAMINGS,
+                               check_limits, check_time)
 from zeroline.errors import ConfigError, TransportError
 
 import msgpack
@@ -420,8 +421,7 @@ cdef int _cut_close(zl_cutter *c, int64_t t, zl_emit_fn emit, void *ctx) except 
 cdef int _check_common(object source, object max_line_bytes) except -1:
     if source not in SOURCES:
         raise ConfigError("source must be 'stdout' or 'stderr', got %r" % (source,))
-    if not isinstance(max_line_bytes, int) or max_line_bytes < 1:
-        raise ConfigError("max_line_bytes must be a positive integer, got %r" % (max_line_bytes,))
+    check_limits(max_line_bytes=max_line_bytes)
     return 0
 
 
@@ -475,6 +475,8 @@ cdef class LineCutter:
         _check_common(source, max_line_bytes)
         if self._cut.held != NULL:
             free(self._cut.held)
+            self._cut.held = NULL
+        _buf_reset(&self._out)
         _cutter_init(&self._cut, max_line_bytes, id_seed)
         self.source = source
 
@@ -502,24 +504,28 @@ cdef class LineCutter:
     def partial_groups_total(self):
         return self._cut.partial_groups_total
 
-    def feed(self, data, int64_t time_nano=-1):
+    def feed(self, data, time_nano=-1):
         """Cut ``data``; return the messages it completes. ``time_nano`` -1 means now."""
         if self._cut.closed:
             raise ValueError("feed() after close()")
+        if data is None:
+            raise TypeError("feed() needs a bytes-like object, not None")
         cdef const unsigned char[::1] view = data
         cdef size_t size = view.shape[0]
         cdef const char *p = <const char *>&view[0] if size else NULL
+        cdef int64_t t = check_time(time_nano)
         with nogil:
-            if time_nano < 0:
-                time_nano = _now_ns()
-            _cut_feed(&self._cut, p, size, time_nano, _cutter_collect, &self._out)
+            if t < 0:
+                t = _now_ns()
+            _cut_feed(&self._cut, p, size, t, _cutter_collect, &self._out)
         return self._take()
 
-    def close(self, int64_t time_nano=-1):
+    def close(self, time_nano=-1):
         """Flush at EOF: unterminated text goes out and its partial group is closed (last=True)."""
-        if time_nano < 0:
-            time_nano = _now_ns()
-        _cut_close(&self._cut, time_nano, _cutter_collect, &self._out)
+        cdef int64_t t = check_time(time_nano)
+        if t < 0:
+            t = _now_ns()
+        _cut_close(&self._cut, t, _cutter_collect, &self._out)
         return self._take()
 
     cdef list _take(self):
@@ -685,11 +691,13 @@ cdef class Stream:
                  container_id="", container_name="", attrs=None,
                  max_line_bytes=DEFAULT_LINE_BUFFER, id_seed=None, max_pending_bytes=-1):
         _check_common(source, max_line_bytes)
+        check_limits(max_pending_bytes=max_pending_bytes)
         if framing not in FRAMINGS:
             raise ConfigError("framing must be 'seed' or 'msgpack', got %r" % (framing,))
         if self._cut.held != NULL:
             free(self._cut.held)
             self._cut.held = NULL
+        _buf_reset(&self._fr.pending)       # a second __init__ starts from nothing
         _cutter_init(&self._cut, max_line_bytes, id_seed)
         self._source = SOURCES.index(source)
         self._tenant = _as_bytes(tenant, "tenant")
@@ -816,23 +824,27 @@ cdef class Stream:
         }
 
     # -- data plane ---------------------------------------------------------------------------
-    def feed(self, data, int64_t time_nano=-1):
+    def feed(self, data, time_nano=-1):
         """Cut and frame one read buffer. Returns how many messages were queued."""
         if self._cut.closed:
             raise ValueError("feed() after close()")
+        if data is None:
+            raise TypeError("feed() needs a bytes-like object, not None")
         cdef const unsigned char[::1] view = data
         cdef size_t size = view.shape[0]
         cdef const char *p = <const char *>&view[0] if size else NULL
         cdef Py_ssize_t n
+        cdef int64_t t = check_time(time_nano)
         with nogil:
-            n = self.feed_raw(p, size, time_nano)
+            n = self.feed_raw(p, size, t)
         return n
 
-    def close(self, int64_t time_nano=-1):
+    def close(self, time_nano=-1):
         """Flush unterminated text at EOF. Returns how many messages were queued."""
         cdef Py_ssize_t n
+        cdef int64_t t = check_time(time_nano)
         with nogil:
-            n = self.close_raw(time_nano)
+            n = self.close_raw(t)
         return n
 
     def take(self):
@@ -876,7 +888,6 @@ cdef class Stream:
         cdef size_t slen = len(self._service)
         if getpid() != self._pid:
             raise TransportError("cannot send: this socket belongs to the parent process (fork)")
-        self._cancel = 0
         try:
             while True:
                 with nogil:
@@ -885,7 +896,10 @@ cdef class Stream:
                     break
                 if rc == SEND_ERROR:
                     raise _zmq_error(err, "zmq send failed")
-                if not block or self._cancel:
+                if not block:
+                    break
+                if self._cancel:
+                    self._cancel = 0        # consumed: the next send() blocks again
                     break
                 PyErr_CheckSignals()
                 if socket.closed:
@@ -971,6 +985,7 @@ cdef class Receiver:
         self._count = 0
 
     def __init__(self, max_frame_bytes=64 * 1024 * 1024):
+        check_limits(max_frame_bytes=max_frame_bytes)
         self._max_frame_bytes = max_frame_bytes
         self._pid = getpid()
 

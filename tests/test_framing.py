@@ -243,12 +243,7 @@ def test_stream_counters_and_stats(impl):
     assert stream.sent_total == 0
 
 
-def test_reinit_forgets_pending_messages(impl, request):
-    if impl.IMPLEMENTATION == "cython":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="BUG: compiled Stream.__init__ resets pending_count but not the "
-                                "pending buffer, so a second __init__ leaves stale records that "
-                                "take() still returns"))
+def test_reinit_forgets_pending_messages(impl):
     stream = impl.Stream(container_id="old")
     stream.feed(b"a\n", 1)
     stream.__init__(container_id="new")
@@ -256,9 +251,6 @@ def test_reinit_forgets_pending_messages(impl, request):
     assert stream.take() == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (divergence): a time_nano of 2**63 or more is packed as msgpack uint64 (0xcf) by the "
-    "twin but raises OverflowError in the compiled Stream.feed (int64_t argument)"))
 @pytest.mark.parametrize("time_nano", [2**63, 2**64 - 1])
 def test_times_past_int64_behave_the_same_in_both(time_nano):
     compiled, twin = compiled_and_twin()

@@ -258,14 +258,9 @@ def test_bad_max_line_bytes_is_a_config_error(impl, limit):
 
 
 @pytest.mark.parametrize("kind", ["LineCutter", "Stream"])
-def test_feed_of_none_is_a_type_error(impl, kind, request):
+def test_feed_of_none_is_a_type_error(impl, kind):
     # A non-blocking RawIOBase.read() returns None when no data is ready; that must not pass for
     # an empty read.
-    if impl.IMPLEMENTATION == "cython":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="BUG: compiled feed() types data as `const unsigned char[::1]` "
-                                "without `not None`, so feed(None) is taken as b'' (returns [] / "
-                                "0) where the twin raises TypeError"))
     with pytest.raises(TypeError):
         getattr(impl, kind)().feed(None, 1)
 

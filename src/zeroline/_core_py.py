@@ -75,9 +75,29 @@ class _IdSource:
                 return text
 
 
-def _check_limit(max_line_bytes):
-    if not isinstance(max_line_bytes, int) or max_line_bytes < 1:
-        raise ConfigError("max_line_bytes must be a positive integer, got %r" % (max_line_bytes,))
+#: Largest accepted values of the size limits (both implementations keep them in C integers).
+_LIMITS = {
+    "max_line_bytes": (1, 1 << 31),
+    "max_pending_bytes": (-1, 1 << 62),
+    "max_frame_bytes": (0, 1 << 62),
+}
+
+
+def check_limits(**limits):
+    """Raise ConfigError unless every given limit is an int within its range (shared by both)."""
+    for name, value in limits.items():
+        low, high = _LIMITS[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError("%s must be an integer from %d to %d, got %r" % (name, low, high, value))
+
+
+def check_time(time_nano):
+    """A timestamp argument: -1 (or any negative) means now; it must fit in int64."""
+    if not isinstance(time_nano, int):
+        raise TypeError("time_nano must be an int, got %s" % type(time_nano).__name__)
+    if time_nano >= 1 << 63:
+        raise OverflowError("time_nano %d does not fit in 64 signed bits" % time_nano)
+    return time_nano
 
 
 def _check_source(source):
@@ -108,7 +128,7 @@ class LineCutter:
 
     def __init__(self, source="stdout", max_line_bytes=DEFAULT_LINE_BUFFER, id_seed=None):
         _check_source(source)
-        _check_limit(max_line_bytes)
+        check_limits(max_line_bytes=max_line_bytes)
         self.source = source
         self.max_line_bytes = max_line_bytes
         self._ids = _IdSource(id_seed)
@@ -130,7 +150,9 @@ class LineCutter:
         """Cut ``data``; return the messages it completes. ``time_nano`` -1 means now."""
         if self._closed:
             raise ValueError("feed() after close()")
-        if time_nano < 0:
+        if data is None:
+            raise TypeError("feed() needs a bytes-like object, not None")
+        if check_time(time_nano) < 0:
             time_nano = _now_ns()
         out = []
         data = memoryview(data).cast("B")
@@ -161,7 +183,7 @@ class LineCutter:
         if self._closed:
             return out
         self._closed = True
-        if time_nano < 0:
+        if check_time(time_nano) < 0:
             time_nano = _now_ns()
         if self._held or self._group_id is not None:
             self._emit_chunk(out, time_nano, True)
@@ -258,6 +280,7 @@ class Stream:
                  container_id="", container_name="", attrs=None,
                  max_line_bytes=DEFAULT_LINE_BUFFER, id_seed=None, max_pending_bytes=-1):
         self._cutter = LineCutter(source, max_line_bytes, id_seed)
+        check_limits(max_pending_bytes=max_pending_bytes)
         self._framer = Framer(framing, tenant, service, container_id, container_name, attrs)
         self.max_pending_bytes = max_pending_bytes
         self._pending = []          # [payload, line_len]
@@ -357,7 +380,6 @@ class Stream:
         tenant, service = self._framer.tenant, self._framer.service
         sent = 0
         pending = self._pending
-        self._cancel = False
         try:
             while sent < len(pending):
                 payload, size = pending[sent]
@@ -365,7 +387,10 @@ class Stream:
                     # EAGAIN can only come on the first frame; after it the message is committed.
                     socket.send(tenant, zmq.SNDMORE | zmq.DONTWAIT, copy=True)
                 except zmq.Again:
-                    if not block or self._cancel:
+                    if not block:
+                        break
+                    if self._cancel:
+                        self._cancel = False    # consumed: the next send() blocks again
                         break
                     socket.poll(_POLL_SLICE_MS, zmq.POLLOUT)
                     continue
@@ -391,6 +416,7 @@ class Receiver:
     """
 
     def __init__(self, max_frame_bytes=64 * 1024 * 1024):
+        check_limits(max_frame_bytes=max_frame_bytes)
         self.max_frame_bytes = max_frame_bytes
         self._pid = os.getpid()
         self._batch = []
