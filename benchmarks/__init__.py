@@ -1,0 +1,1 @@
+"""Benchmarks and regression gates of zeroline: python -m benchmarks (see __main__.py)."""

@@ -1,0 +1,555 @@
+"""zeroline benchmarks: ``python -m benchmarks [run] [--quick] [--check]`` and ``compare``.
+
+One run measures, on the same seeded inputs (W1, W2), interleaved and repeated (median):
+  a  cut+frame only, compiled Stream.feed on 1 MiB buffers + clear(), in memory
+  b  compiled Stream → ipc PUSH → receiver process (count + CRC of every payload checked)
+  b' the ``zeroline forward`` CLI on the same path (skipped with a note while it does not exist)
+  c  the pure-Python twin on the same path (fewer lines)
+  d  naive reference: readline loop + pyzmq send_multipart per line (fewer lines)
+  e  compiled Stream into a bound XPUB (XPUB_NODROP=1) with no subscriber: sender cost only
+  f  plain C reference sender (read + memchr + three zmq_send per line), if it compiles
+then prints a table and the ratios, appends JSON lines to benchmarks/results/results.jsonl and,
+with ``--check``, exits 1 when a ratio of benchmarks/gates.toml is under its floor or a check of
+messages and bytes failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+
+from .workloads import WORKLOADS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results", "results.jsonl")
+GATES = os.path.join(HERE, "gates.toml")
+
+ROWS = ("a", "b", "b_cli", "c", "d", "e", "f")
+ROW_INFO = {
+    # row: (impl, what)
+    "a": ("cython", "cut+frame in memory"),
+    "b": ("cython", "e2e Stream → PUSH/PULL"),
+    "b_cli": ("cli", "e2e zeroline forward"),
+    "c": ("python", "e2e twin Stream"),
+    "d": ("naive-pyzmq", "e2e readline+send_multipart"),
+    "e": ("cython", "send → XPUB, no subscriber"),
+    "f": ("c-ref", "e2e C read+memchr+zmq_send"),
+}
+# Ratio = median over rounds of the per-round ratio (rows of one round ran back to back);
+# the gated ones and their floors are in gates.toml [ratios].
+RATIOS = {
+    "b_over_d": ("b", "d"),
+    "b_over_c": ("b", "c"),
+    "e_over_d": ("e", "d"),
+    "a_over_b": ("a", "b"),
+    "b_over_f": ("b", "f"),
+    "b_cli_over_b": ("b_cli", "b"),
+}
+
+# Per-round numbers kept in results.jsonl next to the medians.
+ROUND_KEYS = ("lines_per_s", "wall_s", "wall_recv_s", "wall_launch_s", "cpu_send_s", "cpu_recv_s",
+              "peak_rss_mb", "recv_rss_mb", "ru_maxrss_mb", "passes", "messages", "error")
+
+MODES = {
+    # lines per workload for the full-size rows; slow rows (c, d) use the first slow_lines;
+    # a and e repeat passes over the input until their timed loop lasts min_time_s.
+    "full": {"lines": {"W1": 3_000_000, "W2": 2_000_000}, "slow_lines": 400_000,
+             "min_time_s": 0.5},
+    "quick": {"lines": {"W1": 400_000, "W2": 400_000}, "slow_lines": 60_000,
+              "min_time_s": 0.25},
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks",
+                                description="zeroline benchmarks and regression gates.")
+    p.add_argument("command", nargs="?", choices=("run", "compare"), default="run",
+                   help="run (default) the benchmarks, or compare two recorded runs")
+    p.add_argument("runs", nargs="*", help="compare: run ids (default: the last two)")
+    p.add_argument("--quick", action="store_true", help="small inputs; fits CI on 2 cores")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 when a gated ratio is under its floor or a check failed")
+    p.add_argument("--reps", type=int, default=3, help="rounds, interleaved (default 3)")
+    p.add_argument("--workloads", default="W1,W2", help="comma-separated (default W1,W2)")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated of " + ",".join(ROWS))
+    p.add_argument("--lines", type=int, help="lines per workload (overrides the mode)")
+    p.add_argument("--slow-lines", type=int, help="lines for rows c and d (overrides the mode)")
+    p.add_argument("--seed", type=int, default=1, help="input seed (default 1)")
+    p.add_argument("--cli-stdin", choices=("file", "pipe"), default="file",
+                   help="how the CLI gets its input: '< file' (default) or a pipe")
+    p.add_argument("--no-save", action="store_true", help="do not append to results.jsonl")
+    args = p.parse_args(argv)
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            p.error("unknown workload %r (have %s)" % (w, ", ".join(WORKLOADS)))
+    for n in (args.lines, args.slow_lines):
+        if n is not None and n < 1:
+            p.error("line counts must be positive")
+    for r in args.rows:
+        if r not in ROWS:
+            p.error("unknown row %r (have %s)" % (r, ", ".join(ROWS)))
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def load_average():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def git_commit():
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+        return rev or None, bool(dirty.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+
+
+def load_gates(path=GATES):
+    with open(path, "rb") as f:
+        gates = tomllib.load(f)
+    floors = {k: float(v) for k, v in gates.get("ratios", {}).items() if not isinstance(v, dict)}
+    per_workload = {k: {n: float(x) for n, x in v.items()}
+                    for k, v in gates.get("ratios", {}).items() if isinstance(v, dict)}
+    unknown = set(floors) - set(RATIOS)
+    if unknown:
+        raise SystemExit("gates.toml: unknown ratio(s) %s (have %s)"
+                         % (", ".join(sorted(unknown)), ", ".join(RATIOS)))
+    return floors, per_workload, gates.get("targets", {})
+
+
+def fmt_rate(x):
+    if x is None:
+        return "-"
+    if x >= 1e6:
+        return "%.2f M" % (x / 1e6)
+    return "%.1f k" % (x / 1e3)
+
+
+def fmt(x, spec="%.1f"):
+    return "-" if x is None else spec % x
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def make_context():
+    # Children are forked from a forkserver that imported zmq and zeroline but never created a
+    # zmq context (libzmq's threads do not survive fork); each child makes its own. A fork is
+    # cheap (~10 ms) next to spawn (~250 ms of imports per child).
+    path = os.environ.get("PYTHONPATH", "")
+    if ROOT not in path.split(os.pathsep):
+        os.environ["PYTHONPATH"] = ROOT + (os.pathsep + path if path else "")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["zmq", "msgpack", "zeroline._core", "zeroline._core_py",
+                                "benchmarks.bench_core", "benchmarks.bench_e2e"])
+    return ctx
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+
+
+class Session:
+    """State of one run: inputs, digests, tools, and every measurement."""
+
+    def __init__(self, args, tmp):
+        from . import workloads
+
+        self.args = args
+        self.tmp = tmp
+        self.mode = "quick" if args.quick else "full"
+        conf = MODES[self.mode]
+        self.min_time_s = conf["min_time_s"]
+        self.workloads = {}
+        for name in args.workloads:
+            lines = args.lines or conf["lines"][name]
+            slow = min(args.slow_lines or conf["slow_lines"], lines)
+            t = time.monotonic()
+            wl = workloads.generate(name, lines, os.path.join(tmp, name + ".txt"), args.seed,
+                                    small_lines=slow)
+            print("  generated %s: %s lines, %.1f MB, %d lines >= 16 KiB (%.1f s)"
+                  % (name, format(wl.lines, ","), wl.nbytes / 1e6, wl.long_lines,
+                     time.monotonic() - t), flush=True)
+            self.workloads[name] = wl
+        self._digests = {}
+        self.results = {}          # (workload, row) -> [result per round]
+        self.skipped = {}          # row -> reason
+        self.notes = {}
+        self._n = 0
+
+    def digest(self, wl, nbytes, prefix):
+        from . import workloads
+
+        key = (wl.path, nbytes, prefix)
+        if key not in self._digests:
+            self._digests[key] = workloads.expected_digest(wl.path, nbytes, prefix)
+        return self._digests[key]
+
+    def endpoint(self, row):
+        self._n += 1
+        return "ipc://%s/%s-%d.ipc" % (self.tmp, row, self._n)
+
+
+def measure_row(sess, ctx, row, wl, tools):
+    from . import bench_core, bench_e2e
+    from .bench_core import PREFIX
+
+    full = (wl.nbytes, wl.lines)
+    small = (wl.small_nbytes, wl.small_lines)
+
+    def digest_for(nbytes):
+        return lambda prefix: sess.digest(wl, nbytes, prefix)
+
+    if row == "a":
+        return bench_core.measure_cut_frame(ctx, wl, sess.min_time_s)
+    if row == "e":
+        return bench_core.measure_xpub(ctx, wl, sess.endpoint(row), sess.min_time_s)
+    nbytes, lines = small if row in ("c", "d") else full
+    expected = sess.digest(wl, nbytes, PREFIX)[0]
+    ep = sess.endpoint(row)
+    if row == "b":
+        return bench_e2e.measure_stream(ctx, "cython", wl, ep, nbytes, lines, digest_for(nbytes),
+                                        expected)
+    if row == "c":
+        return bench_e2e.measure_stream(ctx, "python", wl, ep, nbytes, lines, digest_for(nbytes),
+                                        expected)
+    if row == "d":
+        return bench_e2e.measure_naive(ctx, wl, ep, nbytes, lines, digest_for(nbytes), expected)
+    if row == "f":
+        return bench_e2e.measure_c_ref(ctx, tools["f"], wl, ep, sess.tmp, digest_for(nbytes),
+                                       expected)
+    if row == "b_cli":
+        return bench_e2e.measure_cli(ctx, tools["b_cli"], wl, ep, sess.tmp, digest_for(nbytes),
+                                     expected, stdin_mode=sess.args.cli_stdin)
+    raise ValueError(row)
+
+
+def finish(res):
+    """Derived numbers of one measurement."""
+    wall = res.get("wall_s")
+    if "error" in res or not wall:
+        return res
+    lines = res["lines"]
+    res["lines_per_s"] = lines / wall
+    res["mb_per_s"] = res["nbytes"] / wall / 1e6
+    cpu = (res.get("cpu_send_s") or 0.0) + (res.get("cpu_recv_s") or 0.0)
+    res["cpu_s_per_mline"] = cpu / lines * 1e6
+    res["cpu_send_s_per_mline"] = (res.get("cpu_send_s") or 0.0) / lines * 1e6
+    res["cpu_recv_s_per_mline"] = (res.get("cpu_recv_s") or 0.0) / lines * 1e6
+    return res
+
+
+def run(args):
+    from . import bench_e2e
+
+    try:
+        from zeroline import _core  # noqa: F401
+    except ImportError as exc:
+        print("zeroline._core is not built (%s); build it with:\n"
+              "  cd %s && python setup.py -q build_ext --inplace" % (exc, ROOT), file=sys.stderr)
+        return 1
+    floors, per_workload, targets = load_gates()
+    commit, dirty = git_commit()
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + \
+        "-%d" % os.getpid()
+    started = time.monotonic()
+    tmp = tempfile.mkdtemp(prefix="zlb-", dir="/tmp")
+    try:
+        print("zeroline benchmarks, %s mode, %d round(s), commit %s%s, run %s"
+              % ("quick" if args.quick else "full", args.reps, (commit or "?")[:12],
+                 " (dirty)" if dirty else "", run_id), flush=True)
+        sess = Session(args, tmp)
+        sess.notes["load_before"] = load_average()
+        tools = {}
+        if "f" in args.rows:
+            tools["f"], why = bench_e2e.build_ref_sender(tmp)
+            if why:
+                sess.skipped["f"] = why
+        if "b_cli" in args.rows:
+            tools["b_cli"], why = bench_e2e.find_cli()
+            if why:
+                sess.skipped["b_cli"] = why
+            else:
+                sess.notes["cli"] = "%s (%s)" % (tools["b_cli"], bench_e2e.cli_version(
+                    tools["b_cli"]) or "version unknown")
+                print("  CLI: " + sess.notes["cli"], flush=True)
+        rows = [r for r in args.rows if r not in sess.skipped]
+        ctx = make_context()
+        for rnd in range(args.reps):
+            # A/B interleaving: every row once per round, the order reversed on odd rounds so
+            # slow drift (thermal, page cache, other load) hits all rows alike.
+            order = rows if rnd % 2 == 0 else rows[::-1]
+            for name, wl in sess.workloads.items():
+                for row in order:
+                    t = time.monotonic()
+                    res = finish(measure_row(sess, ctx, row, wl, tools))
+                    sess.results.setdefault((name, row), []).append(res)
+                    print("  round %d %s %-5s %s (%.1f s)"
+                          % (rnd + 1, name, row,
+                             ("%s lines/s" % fmt_rate(res.get("lines_per_s")))
+                             if "error" not in res else "ERROR " + res["error"][:300],
+                             time.monotonic() - t), flush=True)
+        sess.notes["load_after"] = load_average()
+        summary = summarize(sess, floors, per_workload, targets)
+        report(sess, summary, targets)
+        elapsed = time.monotonic() - started
+        print("\nrun took %.1f s" % elapsed)
+        if not args.no_save:
+            save(sess, summary, run_id, commit, dirty, elapsed)
+            print("appended to %s" % os.path.relpath(RESULTS))
+        return verdict(sess, summary, targets, args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def summarize(sess, floors, per_workload, targets):
+    rows = {}
+    for (name, row), results in sess.results.items():
+        ok = [r for r in results if "error" not in r]
+        rows[(name, row)] = {
+            "lines": results[0].get("lines"),
+            "nbytes": results[0].get("nbytes"),
+            "lines_per_s": median(r.get("lines_per_s") for r in ok),
+            "mb_per_s": median(r.get("mb_per_s") for r in ok),
+            "cpu_s_per_mline": median(r.get("cpu_s_per_mline") for r in ok),
+            "cpu_send_s_per_mline": median(r.get("cpu_send_s_per_mline") for r in ok),
+            "cpu_recv_s_per_mline": median(r.get("cpu_recv_s_per_mline") for r in ok),
+            "peak_rss_mb": median(r.get("peak_rss_mb") for r in ok),
+            "recv_rss_mb": median(r.get("recv_rss_mb") for r in ok),
+            "reps_lines_per_s": [r.get("lines_per_s") for r in results],
+            "verified": results[0].get("verified") if not any("error" in r for r in results)
+            else "FAIL",
+            "errors": [r["error"] for r in results if "error" in r],
+            "passes": results[0].get("passes"),
+            "rounds": [{k: r.get(k) for k in ROUND_KEYS if r.get(k) is not None}
+                       for r in results],
+        }
+    ratios = {}
+    for name in sess.workloads:
+        floors_here = dict(floors, **per_workload.get(name, {}))
+        for ratio, (num, den) in RATIOS.items():
+            a, b = sess.results.get((name, num)), sess.results.get((name, den))
+            if not a or not b:
+                # Not measured in this run (--rows, or a skipped optional row): nothing to gate.
+                continue
+            # Paired per round (same interleaved round), then the median.
+            pairs = [x["lines_per_s"] / y["lines_per_s"] for x, y in zip(a, b)
+                     if x.get("lines_per_s") and y.get("lines_per_s")]
+            value = median(pairs)
+            floor = floors_here.get(ratio)
+            ok = None if floor is None else (value is not None and value >= floor)
+            ratios[(name, ratio)] = {"value": value, "floor": floor, "ok": ok,
+                                     "rounds": pairs, "why": None if pairs else "row failed"}
+    return {"rows": rows, "ratios": ratios, "targets": target_status(sess, rows, targets)}
+
+
+def target_status(sess, rows, targets):
+    out = {}
+    checks = [("b_lines_per_s", "b", "lines_per_s", ">="),
+              ("e_lines_per_s", "e", "lines_per_s", ">="),
+              ("a_lines_per_s", "a", "lines_per_s", ">="),
+              ("cli_peak_rss_mb", "b_cli", "peak_rss_mb", "<")]
+    for name in sess.workloads:
+        for key, row, metric, op in checks:
+            if key not in targets:
+                continue
+            value = rows.get((name, row), {}).get(metric)
+            goal = float(targets[key])
+            ok = None if value is None else (value >= goal if op == ">=" else value < goal)
+            out[(name, key)] = {"value": value, "target": goal, "op": op, "ok": ok}
+    return out
+
+
+def report(sess, summary, targets):
+    from .workloads import DESCRIPTIONS
+
+    rows, ratios = summary["rows"], summary["ratios"]
+    head = ("row", "impl", "what", "lines", "lines/s", "MB/s", "CPU s/M", "send", "recv",
+            "RSS MB", "check")
+    line_fmt = "%-5s %-11s %-28s %10s %10s %7s %8s %6s %6s %7s  %s"
+    for name, wl in sess.workloads.items():
+        print("\n%s: %s; %s lines, %.1f MB (c, d: first %s lines)"
+              % (name, DESCRIPTIONS[name], format(wl.lines, ","), wl.nbytes / 1e6,
+                 format(wl.small_lines, ",")))
+        print(line_fmt % head)
+        for row in ROWS:
+            impl, what = ROW_INFO[row]
+            if row in sess.skipped:
+                print("%-5s %-11s %-28s skipped: %s" % (row, impl, what, sess.skipped[row]))
+                continue
+            s = rows.get((name, row))
+            if s is None:
+                continue
+            lines = s["lines"]
+            if s.get("passes"):
+                lines = "%s×%d" % (_short(lines // s["passes"]), s["passes"])
+            else:
+                lines = _short(lines)
+            check = s["verified"]
+            if s["errors"]:
+                check += " (%d/%d rounds failed: %s)" % (
+                    len(s["errors"]), len(sess.results[(name, row)]), s["errors"][0][:160])
+            print(line_fmt % (row, impl, what, lines, fmt_rate(s["lines_per_s"]),
+                              fmt(s["mb_per_s"], "%.0f"), fmt(s["cpu_s_per_mline"], "%.3f"),
+                              fmt(s["cpu_send_s_per_mline"], "%.2f"),
+                              fmt(s["cpu_recv_s_per_mline"], "%.2f"),
+                              fmt(s["peak_rss_mb"]), check))
+        print("ratios (median of per-round pairs):")
+        for ratio in RATIOS:
+            r = ratios.get((name, ratio))
+            if r is None:
+                continue
+            status = "" if r["floor"] is None else (
+                "  >= %.1f %s" % (r["floor"], "ok" if r["ok"] else "BELOW FLOOR"))
+            rounds = " ".join("%.2f" % x for x in r.get("rounds") or [])
+            print("  %-13s %8s%s%s" % (ratio, fmt(r["value"], "%.2f"), status,
+                                       ("   rounds: " + rounds) if rounds else
+                                       ("   (%s)" % r["why"] if r["why"] else "")))
+        print("absolute targets (reported, not gated):")
+        for (wname, key), t in summary["targets"].items():
+            if wname != name:
+                continue
+            shown = fmt_rate(t["value"]) if key.endswith("per_s") else fmt(t["value"])
+            goal = fmt_rate(t["target"]) if key.endswith("per_s") else fmt(t["target"])
+            print("  %-16s %10s  target %s %s  %s" % (
+                key, shown, t["op"], goal,
+                "n/a" if t["ok"] is None else ("met" if t["ok"] else "MISSED")))
+    print("\nload average (1 min) before/after: %s / %s on %d CPUs; other load skews single "
+          "rounds, the paired medians less."
+          % (fmt(sess.notes.get("load_before"), "%.2f"), fmt(sess.notes.get("load_after"), "%.2f"),
+             os.cpu_count() or 0))
+    print("CPU s/M: CPU seconds per million lines of the sender and receiver processes "
+          "(getrusage, all threads);\n  row a: feed+clear only; b_cli: whole CLI process incl. "
+          "start-up, timed first→last message at the receiver.\nRSS MB: sender peak (VmHWM).")
+
+
+def _short(n):
+    if n is None:
+        return "-"
+    if n >= 1_000_000:
+        return "%.2fM" % (n / 1e6)
+    return "%dk" % round(n / 1e3)
+
+
+def save(sess, summary, run_id, commit, dirty, elapsed):
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    base = {"run": run_id, "time": stamp, "commit": commit, "dirty": dirty, "mode": sess.mode,
+            "reps": sess.args.reps, "seed": sess.args.seed, "host_cpus": os.cpu_count(),
+            "python": sys.version.split()[0]}
+    with open(RESULTS, "a") as f:
+        for (name, row), s in summary["rows"].items():
+            impl, what = ROW_INFO[row]
+            rec = dict(base, kind="row", workload=name, row=row, impl=impl, what=what, **s)
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        for name in sess.workloads:
+            ratios = {k: v for (w, k), v in summary["ratios"].items() if w == name}
+            targets = {k: v for (w, k), v in summary["targets"].items() if w == name}
+            rec = dict(base, kind="ratios", workload=name, ratios=ratios, targets=targets,
+                       skipped=sess.skipped, notes=sess.notes, elapsed_s=round(elapsed, 1))
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+
+def verdict(sess, summary, targets, args):
+    failures = []
+    for (name, ratio), r in summary["ratios"].items():
+        if r["floor"] is not None and not r["ok"]:
+            failures.append("%s %s = %s, floor %.1f" % (name, ratio, fmt(r["value"], "%.2f"),
+                                                        r["floor"]))
+    for (name, row), s in summary["rows"].items():
+        if s["errors"]:
+            failures.append("%s row %s: %s" % (name, row, s["errors"][0]))
+    if not args.quick and targets.get("enforce_in_full"):
+        for (name, key), t in summary["targets"].items():
+            if t["ok"] is False:
+                failures.append("%s target %s missed" % (name, key))
+    if failures:
+        print("\n%s:" % ("CHECK FAILED" if args.check else "problems"))
+        for f in failures:
+            print("  " + f)
+    elif args.check:
+        print("\ncheck passed: every gated ratio is at or above its floor, all messages verified")
+    if args.quick and args.check:
+        print("(quick mode: short timings on a shared machine are noisy; floors are kept)")
+    return 1 if (failures and args.check) else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Compare
+
+
+def compare(args):
+    if not os.path.exists(RESULTS):
+        print("no results yet: %s" % RESULTS, file=sys.stderr)
+        return 2
+    records = []
+    with open(RESULTS) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    order = []
+    for r in records:
+        if r.get("run") not in order:
+            order.append(r.get("run"))
+    want = args.runs or order[-2:]
+    if len(want) != 2 or any(w not in order for w in want):
+        print("need two recorded runs (have %d); give their ids: %s"
+              % (len(order), ", ".join(order[-5:])), file=sys.stderr)
+        return 2
+    before, after = ({(r["workload"], r["row"]): r for r in records
+                      if r.get("run") == w and r.get("kind") == "row"} for w in want)
+    meta = {w: next(r for r in records if r.get("run") == w) for w in want}
+    for w in want:
+        m = meta[w]
+        print("%s: commit %s%s, %s mode, %s" % (w, (m.get("commit") or "?")[:12],
+                                                 " (dirty)" if m.get("dirty") else "",
+                                                 m.get("mode"), m.get("time")))
+    print("%-4s %-6s %12s %12s %8s" % ("wl", "row", "before", "after", "change"))
+    for key in sorted(set(before) | set(after)):
+        b = before.get(key, {}).get("lines_per_s")
+        a = after.get(key, {}).get("lines_per_s")
+        change = "%+.1f%%" % ((a / b - 1) * 100) if a and b else "-"
+        print("%-4s %-6s %12s %12s %8s" % (key[0], key[1], fmt_rate(b), fmt_rate(a), change))
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "compare":
+        return compare(args)
+    if args.runs:
+        print("run takes no positional arguments", file=sys.stderr)
+        return 2
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
