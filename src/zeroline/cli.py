@@ -145,8 +145,12 @@ def build_parser():
         "collect",
         help="receive lines and write them to files or stdout",
         description="Bind PULL (--bind, for push forwarders) and/or SUB (--bind-sub, for pub "
-                    "forwarders and the original driver) sockets and write every received line "
-                    "to OUT/<tenant>/<service>.log or to stdout. Runs until SIGINT/SIGTERM.",
+                    "forwarders and the original driver) sockets, decode both framings and write "
+                    "every line to OUT/<tenant>/<service>.log (tenant and service escaped so they "
+                    "stay inside OUT) or to stdout. Text: seed payloads as received, msgpack "
+                    "records as '<container_id> <source>: <line>', the chunks of a long line joined "
+                    "again. Malformed messages are counted and skipped. Runs until SIGINT/SIGTERM "
+                    "(or --count).",
     )
     col.add_argument("--bind", action="append", default=[], metavar="ENDPOINT",
                      help="bind a PULL socket (repeatable)")
@@ -156,10 +160,21 @@ def build_parser():
     where.add_argument("--out", metavar="DIR", help="write OUT/<tenant>/<service>.log")
     where.add_argument("--stdout", action="store_true", help="print lines on stdout")
     col.add_argument("--format", choices=("text", "json"), default="text",
-                     help="text: the payload as received; json: every field (default: text)")
+                     help="text: one line per message as above; json: one object per line with "
+                          "every field the framing carries (default: text)")
+    col.add_argument("--max-size", default=None, metavar="SIZE",
+                     help="rotate a log file once it reached SIZE bytes, checked before each line "
+                          "as Docker's json-file does (decimal units: 10m = 10,000,000; "
+                          "default: never)")
+    col.add_argument("--max-files", type=int, default=None, metavar="N",
+                     help="with --max-size: files kept per tenant/service, the live one included "
+                          "(.log, .log.1 ... .log.N-1; the oldest is dropped; 1 truncates) "
+                          "[default: 5]")
     col.add_argument("--count", type=int, default=None, metavar="N",
                      help="exit after N messages (for scripts and tests)")
     col.add_argument("--stats", action="store_true", help="print counters on stderr at exit")
+    col.add_argument("--stats-interval", type=float, default=0, metavar="SECONDS",
+                     help="also print one line of counters on stderr every SECONDS")
     return parser
 
 
@@ -404,6 +419,8 @@ def cmd_run(args):
             child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as exc:
             _say("error: cannot run %s: %s" % (cmd[0], exc.strerror))
+            if embedded:
+                embedded.finish(0, 0)
             return 127 if isinstance(exc, FileNotFoundError) else 126
         sup, unsent = uvloop.run(_supervise(child, sink, info, opts, args))
     finally:
@@ -428,25 +445,59 @@ def cmd_run(args):
 # collect
 
 def cmd_collect(args):
-    from .collector import Collector
+    from .collector import DEFAULT_MAX_FILES, Collector
+    from .config import parse_decimal_size
 
     if not args.bind and not args.bind_sub:
         raise ConfigError("collect needs at least one --bind or --bind-sub ENDPOINT")
+    max_size = None
+    if args.max_size is not None:
+        if args.stdout:
+            raise ConfigError("--max-size applies to files: use it with --out DIR")
+        max_size = parse_decimal_size(args.max_size)
+        if max_size <= 0:
+            raise ConfigError("--max-size must be positive, got %r" % args.max_size)
+    if args.max_files is not None and max_size is None:
+        raise ConfigError("--max-files needs --max-size (as Docker's max-file)")
+    if args.count is not None and args.count < 0:
+        raise ConfigError("--count must not be negative, got %d" % args.count)
+    if args.stats_interval < 0:
+        raise ConfigError("--stats-interval must not be negative")
     out = sys.stdout.buffer if args.stdout else None
-    collector = Collector(out_dir=None if out else args.out, out=out, fmt=args.format)
+    collector = Collector(out_dir=None if out else args.out, out=out, fmt=args.format,
+                          max_size=max_size,
+                          max_files=DEFAULT_MAX_FILES if args.max_files is None else args.max_files)
     status = EXIT_OK
+    received = []
+
+    def on_signal(signum, frame):
+        # First signal: finish the batch in hand, write held chunks, close; a second: leave now.
+        received.append(signum)
+        if len(received) > 1:
+            os._exit(128 + signum)
+        collector.stop()
+
     try:
-        for endpoint in args.bind:
-            collector.bind(endpoint, "pull")
-        for endpoint in args.bind_sub:
-            collector.bind(endpoint, "sub")
-        _install_signals()
         try:
-            collector.run(until_messages=args.count)
-        except _Shutdown as stop:
-            status = EXIT_INTERRUPTED if stop.signum == signal.SIGINT else EXIT_OK
-    finally:
-        collector.close()
+            # Handlers first: once an endpoint is bound, a signal already finds them.
+            signal.signal(signal.SIGINT, on_signal)
+            signal.signal(signal.SIGTERM, on_signal)
+            for endpoint in args.bind:
+                collector.bind(endpoint, "pull")
+            for endpoint in args.bind_sub:
+                collector.bind(endpoint, "sub")
+            collector.run(until_messages=args.count, stats_interval_s=args.stats_interval,
+                          report=_say)
+        finally:
+            collector.close()
+    except OSError as exc:
+        if isinstance(exc, ZerolineError):
+            raise
+        # A log file that cannot be written: disk full, permissions, a name the OS refuses.
+        _say("error: cannot write %s: %s" % (exc.filename or "output", exc.strerror or exc))
+        status = EXIT_FAILURE
+    if received:
+        status = EXIT_INTERRUPTED if received[0] == signal.SIGINT else EXIT_OK
     if args.stats:
         _say(collector.stats_line())
     return status
