@@ -88,13 +88,9 @@ class Sink:
         if timeout_s is None:
             timeout_s = self.options.peer_wait_s
         deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
-        watched = self.socket if self.options.socket == "pub" else self._monitor
         while True:
             wait = _WAKE_S if deadline is None else min(_WAKE_S, deadline - time.monotonic())
-            if wait > 0 and watched.poll(int(wait * 1000) or 1, zmq.POLLIN):
-                # The subscription message (pub) or the monitor event (push) is only a signal.
-                watched.recv_multipart()
-                self.peer_seen = True
+            if wait > 0 and self.poll_peer(int(wait * 1000) or 1):
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 what = "subscriber" if self.options.socket == "pub" else "puller"
@@ -102,6 +98,16 @@ class Sink:
                     "no %s at zmq-address %s after %gs (is the collector running? "
                     "raise zmq-peer-wait, or 0 to wait forever)" % (what, self.endpoint, timeout_s),
                     0, self.endpoint)
+
+    def poll_peer(self, timeout_ms=0):
+        """True once a first peer was seen; waits at most ``timeout_ms`` (0: just look)."""
+        if not self.peer_seen:
+            watched = self.socket if self.options.socket == "pub" else self._monitor
+            if watched.poll(timeout_ms, zmq.POLLIN):
+                # The subscription message (pub) or the monitor event (push) is only a signal.
+                watched.recv_multipart()
+                self.peer_seen = True
+        return self.peer_seen
 
     def close(self, linger_s=None):
         """Close the socket and wait up to ``linger_s`` (default: the ``zmq-linger`` option) for

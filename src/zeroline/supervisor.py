@@ -37,8 +37,10 @@ def _log(text):
 class Copier:
     """Copies one fd into one Stream. Created by :meth:`Supervisor.add`."""
 
-    def __init__(self, supervisor, fd, stream, name, blocking):
+    def __init__(self, supervisor, fd, stream, name, blocking, on_feed=None, on_finish=None):
         self.supervisor = supervisor
+        self.on_feed = on_feed          # called after each feed (e.g. to write a local copy)
+        self.on_finish = on_finish      # called once after EOF and the final flush
         self.fd = fd
         self.stream = stream
         self.name = name
@@ -77,6 +79,8 @@ class Copier:
         if self.stream.dropped_total != dropped and not self._drop_logged:
             self._drop_logged = True
             _log("%s: non-blocking buffer full, dropping lines (counted in the stats)" % self.name)
+        if self.on_feed is not None:
+            self.on_feed(self)
         self.supervisor._send(self)
 
     def finish(self):
@@ -90,8 +94,12 @@ class Copier:
             os.close(self.fd)
         except OSError:
             pass
+        if self.on_feed is not None:
+            self.on_feed(self)
         self.supervisor._send(self)
         self.supervisor._copier_done(self)
+        if self.on_finish is not None:
+            self.on_finish(self)
 
 
 class Supervisor:
@@ -116,9 +124,12 @@ class Supervisor:
         self.blocked_total = 0
 
     # -- copiers --------------------------------------------------------------------------------
-    def add(self, fd, stream, name, blocking=True):
-        """Start copying ``fd`` into ``stream``; returns the :class:`Copier`."""
-        copier = Copier(self, fd, stream, name, blocking)
+    def add(self, fd, stream, name, blocking=True, on_feed=None, on_finish=None):
+        """Start copying ``fd`` into ``stream``; returns the :class:`Copier`.
+
+        ``on_feed(copier)`` runs after every read is fed (and after the final flush);
+        ``on_finish(copier)`` once the fd reached EOF and the stream was flushed."""
+        copier = Copier(self, fd, stream, name, blocking, on_feed, on_finish)
         self.copiers.append(copier)
         self._open += 1
         if self._all_done.done():
