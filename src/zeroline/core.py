@@ -10,7 +10,7 @@ which one is in use (``"cython"`` or ``"python"``).
 
 import os
 
-from . import _core_py
+from . import _core_py, _logentry_py
 from .errors import ProtocolError
 
 if os.environ.get("ZEROLINE_NO_EXTENSIONS") == "1":
@@ -27,6 +27,12 @@ IMPLEMENTATION = _impl.IMPLEMENTATION
 LineCutter = _impl.LineCutter
 Stream = _impl.Stream
 Receiver = _impl.Receiver
+
+# The LogEntry path of the Docker plugin (ext/logentry.pxi and its twin _logentry_py).
+EntryStream = getattr(_impl, "EntryStream", _logentry_py.EntryStream)
+decode_entry = getattr(_impl, "decode_entry", _logentry_py.decode_entry)
+encode_entry = _logentry_py.encode_entry
+MAX_ENTRY_BYTES = _logentry_py.MAX_ENTRY_BYTES
 
 Message = _core_py.Message
 Partial = _core_py.Partial
