@@ -89,6 +89,8 @@ cdef class Receiver:
     cdef size_t _max_frame_bytes
     cdef uint64_t _count
     cdef long _pid
+    cdef void *_render                  # take_rendered's scratch, private to ext/_core.pyx; owned
+    cdef uint64_t _malformed[5]         # malformed_total by reason, as _core_py.MALFORMED_REASONS
     cdef readonly uint64_t messages_total
     cdef readonly uint64_t bytes_total
     cdef readonly uint64_t malformed_total

@@ -19,7 +19,7 @@ from collections import namedtuple
 import msgpack
 import zmq
 
-from .errors import ConfigError, TransportError
+from .errors import ConfigError, ProtocolError, TransportError
 
 IMPLEMENTATION = "python"
 
@@ -407,12 +407,80 @@ class Stream:
         return sent
 
 
+#: Why a received message was skipped: wrong frame count, a frame over ``max_frame_bytes``, a seed
+#: payload without ``"<container_id>: "``, msgpack that does not decode, or msgpack that is not a
+#: zeroline record. ``Receiver.malformed_reasons`` counts each.
+MALFORMED_REASONS = ("frames", "frame_size", "seed", "msgpack", "record")
+
+_RECORD_HEAD = b"\xaccontainer_id"      # fixstr(12) "container_id": the first key of a record
+
+
+def _malformed(reason, text):
+    exc = ProtocolError(text)
+    exc.reason = reason
+    return exc
+
+
+def decode_payload(payload):
+    """Decode the third frame of a message of either framing.
+
+    Returns:
+        ``("seed", {"container_id": str, "line": bytes})`` or ``("msgpack", record)`` with the
+        record's dict as msgpack-python unpacks it (``str`` keys and values, ``line`` bytes).
+
+    Raises:
+        ProtocolError: with ``reason`` set to ``"seed"``, ``"msgpack"`` or ``"record"`` (see
+            :data:`MALFORMED_REASONS`).
+    """
+    # A zeroline msgpack record opens with a fixmap of 5-7 entries whose first key is
+    # "container_id"; a seed payload opens with the container id itself (hex, or a user's id).
+    if payload[:1] in (b"\x85", b"\x86", b"\x87") and payload[1:14] == _RECORD_HEAD:
+        try:
+            record = msgpack.unpackb(payload, raw=False)
+        except Exception as exc:   # ExtraData, FormatError, UnicodeDecodeError, unhashable keys...
+            raise _malformed("msgpack", "bad msgpack record: %s" % exc) from None
+        if not isinstance(record, dict) or not isinstance(record.get("line"), bytes):
+            raise _malformed("record", "msgpack record has no binary 'line'")
+        if "partial" in record:
+            partial = record["partial"]
+            if not (isinstance(partial, dict) and isinstance(partial.get("id"), str)
+                    and isinstance(partial.get("ordinal"), int)
+                    and isinstance(partial.get("last"), bool)):
+                raise _malformed("record", "msgpack record has a bad 'partial' map")
+        return "msgpack", record
+    cid, sep, line = payload.partition(b": ")
+    if not sep:
+        raise _malformed("seed", "seed payload has no '<container_id>: ' prefix")
+    return "seed", {"container_id": cid.decode("utf-8", "replace"), "line": line}
+
+
+def render_text(payload):
+    """The text output line of one payload, with its ``"\\n"``; None for a partial chunk.
+
+    Seed payloads are written as received; msgpack records as ``<container_id> <source>: <line>``.
+    A partial chunk (a record with ``partial``) is not rendered: the caller reassembles it.
+
+    Raises:
+        ProtocolError: as :func:`decode_payload`.
+    """
+    framing, record = decode_payload(payload)
+    if framing == "seed":
+        return bytes(payload) + b"\n"
+    if "partial" in record:
+        return None
+    return (("%s %s: " % (record["container_id"], record.get("source", ""))).encode("utf-8")
+            + record["line"] + b"\n")
+
+
 class Receiver:
     """Receives 3-frame messages in batches (the collector's and benchmarks' receive path).
 
     ``recv()`` waits up to ``timeout_ms`` for the first message, then takes whatever else is queued,
     up to ``max_messages``. Messages whose frame count is not 3, or with a frame over
-    ``max_frame_bytes``, are counted in ``malformed_total`` and skipped.
+    ``max_frame_bytes``, are counted in ``malformed_total`` and skipped (never in
+    ``messages_total``). :meth:`take_rendered` also counts payloads it cannot render there (those
+    were counted in ``messages_total`` when received). ``malformed_reasons`` splits the count by
+    :data:`MALFORMED_REASONS`.
     """
 
     def __init__(self, max_frame_bytes=64 * 1024 * 1024):
@@ -420,6 +488,7 @@ class Receiver:
         self.max_frame_bytes = max_frame_bytes
         self._pid = os.getpid()
         self._batch = []
+        self._malformed = dict.fromkeys(MALFORMED_REASONS, 0)
         self.messages_total = 0
         self.bytes_total = 0
         self.malformed_total = 0
@@ -427,6 +496,15 @@ class Receiver:
     @property
     def pending_messages(self):
         return len(self._batch)
+
+    @property
+    def malformed_reasons(self):
+        """``{reason: count}`` for every reason in :data:`MALFORMED_REASONS` (a copy)."""
+        return dict(self._malformed)
+
+    def _count_malformed(self, reason):
+        self._malformed[reason] += 1
+        self.malformed_total += 1
 
     def recv(self, socket, max_messages=4096, timeout_ms=100):
         """Receive up to ``max_messages``; return how many well-formed ones were added."""
@@ -442,8 +520,11 @@ class Receiver:
                 frames = socket.recv_multipart(zmq.DONTWAIT, copy=True)
             except zmq.Again:
                 break
-            if len(frames) != 3 or any(len(f) > self.max_frame_bytes for f in frames):
-                self.malformed_total += 1
+            if len(frames) != 3:
+                self._count_malformed("frames")
+                continue
+            if any(len(f) > self.max_frame_bytes for f in frames):
+                self._count_malformed("frame_size")
                 continue
             self._batch.append(frames)
             self.messages_total += 1
@@ -461,3 +542,36 @@ class Receiver:
         out = b"".join(f[2] + b"\n" for f in self._batch)
         self._batch = []
         return out
+
+    def take_rendered(self):
+        """Remove the received messages and return them rendered as text, grouped by destination.
+
+        Returns:
+            A list of ``(tenant, service, data, held)`` tuples (``bytes``; ``held`` may be None).
+            ``data`` is the :func:`render_text` lines of consecutive messages to one
+            ``(tenant, service)``, in arrival order; ``held`` is the payload of a partial chunk
+            that came after them, for the caller to reassemble, and ends that run: the
+            destination's later messages start a new tuple. Tuples are in the order their first
+            message arrived, so handling them in list order keeps every destination's order.
+            Payloads that cannot be rendered are counted as malformed and left out.
+        """
+        entries = []
+        open_runs = {}      # (tenant, service) -> index of its run still taking lines
+        for tenant, service, payload in self._batch:
+            try:
+                line = render_text(payload)
+            except ProtocolError as exc:
+                self._count_malformed(exc.reason)
+                continue
+            key = (tenant, service)
+            index = open_runs.get(key)
+            if index is None:
+                index = open_runs[key] = len(entries)
+                entries.append([tenant, service, [], None])
+            if line is None:
+                entries[index][3] = payload
+                del open_runs[key]
+            else:
+                entries[index][2].append(line)
+        self._batch = []
+        return [(tenant, service, b"".join(lines), held) for tenant, service, lines, held in entries]
