@@ -419,9 +419,14 @@ class Collector:
         if len(self._files) >= self.max_open_files:
             self._files.popitem(last=False)[1].close()
         folder = os.path.join(self.out_dir, safe_path_part(tenant))
-        os.makedirs(folder, exist_ok=True)
-        handle = LogFile(os.path.join(folder, safe_path_part(service) + ".log"), self.max_size,
-                         self.max_files)
+        path = os.path.join(folder, safe_path_part(service) + ".log")
+        try:
+            handle = LogFile(path, self.max_size, self.max_files)
+        except FileNotFoundError:
+            # First file of this tenant. (Trying the open first saves a mkdir and a stat on
+            # every reopen when more destinations are written than files may stay open.)
+            os.makedirs(folder, exist_ok=True)
+            handle = LogFile(path, self.max_size, self.max_files)
         self._files[key] = handle
         self._paths.add(handle.path)
         return handle
