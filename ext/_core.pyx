@@ -18,7 +18,8 @@ import os
 
 from zeroline._core_py import (Message, Partial, DEFAULT_LINE_BUFFER, SOURCES, FRAMINGS,
                                check_limits, check_time)
-from zeroline.errors import ConfigError, TransportError
+from zeroline.errors import ConfigError, ProtocolError, TransportError
+from zeroline._logentry_py import MAX_ENTRY_BYTES
 
 import msgpack
 import zmq
@@ -246,6 +247,27 @@ cdef inline char *_pack_bin_header(char *p, size_t n) noexcept nogil:
     return p + 5
 
 
+cdef inline size_t _str_header_len(size_t n) noexcept nogil:
+    return 1 if n <= 31 else 2 if n <= 0xff else 3 if n <= 0xffff else 5
+
+
+cdef inline char *_pack_str_header(char *p, size_t n) noexcept nogil:
+    if n <= 31:
+        p[0] = <char>(0xa0 | n)
+        return p + 1
+    if n <= 0xff:
+        p[0] = <char>0xd9
+        _put_be(p + 1, n, 1)
+        return p + 2
+    if n <= 0xffff:
+        p[0] = <char>0xda
+        _put_be(p + 1, n, 2)
+        return p + 3
+    p[0] = <char>0xdb
+    _put_be(p + 1, n, 4)
+    return p + 5
+
+
 cdef inline char *_put(char *p, const char *s, size_t n) noexcept nogil:
     memcpy(p, s, n)
     return p + n
@@ -254,13 +276,15 @@ cdef inline char *_put(char *p, const char *s, size_t n) noexcept nogil:
 # Fixed key strings, already msgpack-encoded as fixstr.
 cdef const char *K_TIME = b"\xa9time_nano"
 cdef const char *K_LINE = b"\xa4line"
-cdef const char *K_PARTIAL = b"\xa7partial\x83\xa2id\xd9\x40"   # key, fixmap(3), "id", str8 len 64
+cdef const char *K_SOURCE = b"\xa6source"
+cdef const char *K_PARTIAL = b"\xa7partial\x83\xa2id"    # key, fixmap(3), key "id"
 cdef const char *K_ORDINAL = b"\xa7ordinal"
 cdef const char *K_LAST = b"\xa4last"
 cdef enum:
     K_TIME_LEN = 10
     K_LINE_LEN = 5
-    K_PARTIAL_LEN = 14
+    K_SOURCE_LEN = 7
+    K_PARTIAL_LEN = 12
     K_ORDINAL_LEN = 8
     K_LAST_LEN = 5
 
@@ -272,6 +296,9 @@ ctypedef int (*zl_emit_fn)(void *ctx, const char *line, size_t n, int64_t time_n
                            const char *partial_id, int ordinal, bint last) except -1 nogil
 
 cdef const char *HEX = b"0123456789abcdef"
+cdef const char *SOURCE_NAMES[2]
+SOURCE_NAMES[0] = b"stdout"
+SOURCE_NAMES[1] = b"stderr"
 cdef const char *EMPTY = b""
 
 
@@ -564,9 +591,10 @@ cdef enum:
     SEND_ERROR = 2
 
 
-cdef int _stream_emit(void *ctx, const char *line, size_t n, int64_t t,
-                      const char *partial_id, int ordinal, bint last) except -1 nogil:
-    cdef zl_framer *f = <zl_framer *>ctx
+cdef int _frame_message(zl_framer *f, const char *line, size_t n, int64_t t,
+                        const char *source, size_t source_len, const char *partial_id,
+                        size_t id_len, int ordinal, bint last) except -1 nogil:
+    # Frames one message into the pending batch (partial_id NULL: no partial metadata).
     cdef size_t plen
     cdef char *p
     if f.max_pending_bytes >= 0 and f.pending_count > 0 and \
@@ -578,10 +606,11 @@ cdef int _stream_emit(void *ctx, const char *line, size_t n, int64_t t,
     if f.framing == FRAMING_SEED:
         plen = f.prefix_len + n
     else:
-        plen = 1 + f.prefix_len + K_TIME_LEN + _int_len(t) + K_LINE_LEN + _bin_header_len(n) + n \
-            + f.attrs_len
+        plen = 1 + f.prefix_len + K_SOURCE_LEN + _str_header_len(source_len) + source_len \
+            + K_TIME_LEN + _int_len(t) + K_LINE_LEN + _bin_header_len(n) + n + f.attrs_len
         if partial_id != NULL:
-            plen += K_PARTIAL_LEN + 64 + K_ORDINAL_LEN + _int_len(ordinal) + K_LAST_LEN + 1
+            plen += K_PARTIAL_LEN + _str_header_len(id_len) + id_len + K_ORDINAL_LEN \
+                + _int_len(ordinal) + K_LAST_LEN + 1
     _buf_reserve(&f.pending, 8 + plen)
     p = f.pending.data + f.pending.length
     _put_u32(p, <uint32_t>plen)
@@ -594,6 +623,9 @@ cdef int _stream_emit(void *ctx, const char *line, size_t n, int64_t t,
         # Key order and integer widths as msgpack-python's packb of the twin's dict.
         p[0] = <char>(0x85 + (partial_id != NULL) + (f.attrs_len > 0))
         p = _put(p + 1, f.prefix, f.prefix_len)
+        p = _put(p, K_SOURCE, K_SOURCE_LEN)
+        p = _pack_str_header(p, source_len)
+        p = _put(p, source, source_len)
         p = _put(p, K_TIME, K_TIME_LEN)
         p = _pack_int(p, t)
         p = _put(p, K_LINE, K_LINE_LEN)
@@ -601,7 +633,8 @@ cdef int _stream_emit(void *ctx, const char *line, size_t n, int64_t t,
         p = _put(p, line, n)
         if partial_id != NULL:
             p = _put(p, K_PARTIAL, K_PARTIAL_LEN)
-            p = _put(p, partial_id, 64)
+            p = _pack_str_header(p, id_len)
+            p = _put(p, partial_id, id_len)
             p = _put(p, K_ORDINAL, K_ORDINAL_LEN)
             p = _pack_int(p, ordinal)
             p = _put(p, K_LAST, K_LAST_LEN)
@@ -613,6 +646,13 @@ cdef int _stream_emit(void *ctx, const char *line, size_t n, int64_t t,
     f.pending_line_bytes += n
     f.messages_total += 1
     return 0
+
+
+cdef int _stream_emit(void *ctx, const char *line, size_t n, int64_t t,
+                      const char *partial_id, int ordinal, bint last) except -1 nogil:
+    # The cutter's callback: the stream's own source, 64-hex group ids.
+    cdef zl_framer *f = <zl_framer *>ctx
+    return _frame_message(f, line, n, t, f.source, f.source_len, partial_id, 64, ordinal, last)
 
 
 cdef int _send_some(zl_framer *f, void *sock, bint block, const char *tenant, size_t tlen,
@@ -711,14 +751,15 @@ cdef class Stream:
         else:
             # The record's leading keys never change: encode them once, without the map header.
             head = msgpack.packb({"container_id": self._container_id,
-                                  "container_name": self._container_name,
-                                  "source": source}, use_bin_type=True)
+                                  "container_name": self._container_name}, use_bin_type=True)
             self._prefix = head[1:]
             self._attrs_tail = (msgpack.packb({"attrs": self._attrs}, use_bin_type=True)[1:]
                                 if self._attrs else b"")
         self._fr.framing = FRAMING_SEED if framing == "seed" else FRAMING_MSGPACK
         self._fr.prefix = PyBytes_AS_STRING(self._prefix)
         self._fr.prefix_len = len(self._prefix)
+        self._fr.source = SOURCE_NAMES[self._source]
+        self._fr.source_len = 6
         self._fr.attrs_tail = PyBytes_AS_STRING(self._attrs_tail)
         self._fr.attrs_len = len(self._attrs_tail)
         self._fr.max_pending_bytes = max_pending_bytes
@@ -1636,3 +1677,9 @@ cdef class Receiver:
         finally:
             _buf_reset(&self._batch)
             self._count = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The Docker plugin's LogEntry frames
+
+include "logentry.pxi"

@@ -42,8 +42,10 @@ ctypedef struct zl_cutter:
 # [u32 payload_len][u32 line_len][payload]. `prefix`/`attrs_tail` borrow the owning Stream's bytes.
 ctypedef struct zl_framer:
     int framing                  # FRAMING_SEED or FRAMING_MSGPACK
-    const char *prefix           # seed: b"<cid>: "; msgpack: the record's constant leading keys
+    const char *prefix           # seed: b"<cid>: "; msgpack: the container_id/_name keys
     size_t prefix_len
+    const char *source           # source of the cut messages (entries carry their own)
+    size_t source_len
     const char *attrs_tail       # msgpack: encoded "attrs" key and map, or empty
     size_t attrs_len
     zl_buffer pending

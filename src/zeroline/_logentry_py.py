@@ -23,12 +23,18 @@ MAX_ENTRY_BYTES = 1_000_000
 _LEN = struct.Struct(">I")
 _MASK64 = (1 << 64) - 1
 
+# Why an entry is malformed; the compiled decoder reports the same texts.
+BAD_VARINT = "varint runs past the end of the entry or is longer than 10 bytes"
+BAD_LENGTH = "a field runs past the end of the entry"
+BAD_WIRE = "unsupported wire type"
+FIELD_ZERO = "field number 0"
+
 
 def _varint(data, pos, end):
     result = shift = 0
     while True:
         if pos >= end:
-            raise ProtocolError("varint runs past the end of the entry")
+            raise ProtocolError(BAD_VARINT)
         byte = data[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -36,7 +42,7 @@ def _varint(data, pos, end):
             return result & _MASK64, pos
         shift += 7
         if shift >= 70:
-            raise ProtocolError("varint longer than 10 bytes")
+            raise ProtocolError(BAD_VARINT)
 
 
 def _fields(data, pos, end):
@@ -46,24 +52,24 @@ def _fields(data, pos, end):
         key, pos = _varint(data, pos, end)
         number, wire = key >> 3, key & 7
         if number == 0:
-            raise ProtocolError("field number 0")
+            raise ProtocolError(FIELD_ZERO)
         if wire == 0:
             value, pos = _varint(data, pos, end)
         elif wire == 1:
             if pos + 8 > end:
-                raise ProtocolError("fixed64 runs past the end of the entry")
+                raise ProtocolError(BAD_LENGTH)
             value, pos = int.from_bytes(data[pos:pos + 8], "little"), pos + 8
         elif wire == 2:
             size, pos = _varint(data, pos, end)
             if size > end - pos:
-                raise ProtocolError("length-delimited field runs past the end of the entry")
+                raise ProtocolError(BAD_LENGTH)
             value, pos = (pos, pos + size), pos + size
         elif wire == 5:
             if pos + 4 > end:
-                raise ProtocolError("fixed32 runs past the end of the entry")
+                raise ProtocolError(BAD_LENGTH)
             value, pos = int.from_bytes(data[pos:pos + 4], "little"), pos + 4
         else:
-            raise ProtocolError("unsupported wire type %d" % wire)
+            raise ProtocolError(BAD_WIRE)
         yield number, wire, value
 
 
