@@ -403,3 +403,32 @@ def test_random_garbage_never_stops_the_plugin(env):
     env.log(path, env.entry(b"still-here"))
     assert [m[2] for m in env.collector.wait_for(1)][-1] == CID[:12].encode() + b": still-here"
     env.stop(path)
+
+
+def test_zeroline_plugin_command_serves_and_stops_on_sigterm():
+    import signal
+    import subprocess
+
+    work = tempfile.mkdtemp(prefix="zlc")
+    sock_path = os.path.join(work, "zeroline.sock")
+    state = os.path.join(work, "state")
+    proc = subprocess.Popen([sys.executable, "-m", "zeroline", "plugin", "--socket", sock_path,
+                             "--state-dir", state], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not os.path.exists(sock_path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        daemon = Daemon(sock_path, work, None)
+        assert daemon.call_json("LogDriver.Capabilities", None) == (
+            200, {"Cap": {"ReadLogs": True}, "Err": ""})
+        assert stat_mode(state) == 0o700
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT_S) == 0
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def stat_mode(path):
+    return os.stat(path).st_mode & 0o777

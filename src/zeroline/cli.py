@@ -141,6 +141,27 @@ def build_parser():
     run.add_argument("--stats-interval", type=float, default=0, metavar="SECONDS",
                      help="also print one line of counters every SECONDS")
 
+    plug = sub.add_parser(
+        "plugin",
+        help="serve as a Docker logging plugin (docker --log-driver zeroline)",
+        description="Serve Docker's logging-plugin protocol on a unix socket: every container "
+                    "started with --log-driver zeroline gets a copier on its log FIFO, forwarding "
+                    "to its zmq-address; a local copy in the format of Docker's local driver "
+                    "serves `docker logs`. Copies of containers not logged to for --retention "
+                    "are removed (checked at start and hourly). Stops on SIGTERM/SIGINT after "
+                    "flushing every container.",
+        epilog=_log_opts_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plug.add_argument("--socket", default=None, metavar="PATH",
+                      help="unix socket to serve (default: %s)" % "/run/docker/plugins/zeroline.sock")
+    plug.add_argument("--state-dir", default=None, metavar="DIR",
+                      help="local copies for docker logs, created 0700 (default: /var/lib/zeroline)")
+    plug.add_argument("--retention", default=os.environ.get("ZEROLINE_RETENTION", "7d"),
+                      metavar="DURATION",
+                      help="remove copies of containers idle this long, e.g. 7d, 12h "
+                           "(default: $ZEROLINE_RETENTION or 7d)")
+
     col = sub.add_parser(
         "collect",
         help="receive lines and write them to files or stdout",
@@ -444,6 +465,56 @@ def cmd_run(args):
 # --------------------------------------------------------------------------------------------
 # collect
 
+def _parse_retention(text):
+    from .config import parse_duration
+
+    text = text.strip()
+    if text.endswith("d") and text[:-1].replace(".", "", 1).isdigit():
+        return float(text[:-1]) * 86400
+    return parse_duration(text)
+
+
+def cmd_plugin(args):
+    import asyncio
+
+    import uvloop
+
+    from . import docker_plugin
+
+    retention_s = _parse_retention(args.retention)
+    socket_path = args.socket or docker_plugin.DEFAULT_SOCKET
+    state_dir = args.state_dir or docker_plugin.DEFAULT_STATE_DIR
+
+    async def main():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        count = {"n": 0}
+
+        def on_signal():
+            count["n"] += 1
+            if count["n"] > 1:
+                os._exit(1)         # a second signal: leave at once
+            stop.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal)
+        ready = asyncio.Event()
+        task = asyncio.ensure_future(docker_plugin.serve(socket_path, state_dir, retention_s,
+                                                         ready=ready, stop=stop))
+        await asyncio.wait([task, asyncio.ensure_future(ready.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
+        if ready.is_set():
+            _say("plugin listening on %s (state in %s)" % (socket_path, state_dir))
+        await task
+
+    try:
+        uvloop.run(main())
+    except OSError as exc:
+        raise TransportError("cannot serve on %s: %s" % (socket_path, exc.strerror or exc),
+                             exc.errno or 0, socket_path) from None
+    return EXIT_OK
+
+
 def cmd_collect(args):
     from .collector import DEFAULT_MAX_FILES, Collector
     from .config import parse_decimal_size
@@ -515,6 +586,8 @@ def main(argv=None):
     try:
         if args.command == "forward":
             return cmd_forward(args)
+        if args.command == "plugin":
+            return cmd_plugin(args)
         if args.command == "run":
             return cmd_run(args)
         return cmd_collect(args)
