@@ -22,7 +22,7 @@ import uvloop
 import zmq
 
 from zeroline import core
-from zeroline.docker_plugin import serve
+from zeroline.docker_plugin import Plugin, serve
 
 TIMEOUT_S = 30
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,7 +146,7 @@ class PluginThread:
         self.state_dir = state_dir
         self.loop = None
         self.stop_event = None
-        self.plugin = None
+        self.plugin = Plugin(state_dir)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + TIMEOUT_S
@@ -158,7 +158,7 @@ class PluginThread:
         async def main():
             self.loop = asyncio.get_running_loop()
             self.stop_event = asyncio.Event()
-            self.plugin = await serve(self.sock_path, self.state_dir, stop=self.stop_event)
+            await serve(self.sock_path, self.state_dir, stop=self.stop_event, plugin=self.plugin)
 
         uvloop.run(main())
 
@@ -432,3 +432,46 @@ def test_zeroline_plugin_command_serves_and_stops_on_sigterm():
 
 def stat_mode(path):
     return os.stat(path).st_mode & 0o777
+
+
+def test_local_copy_rotates_compresses_and_still_serves_read_logs(env):
+    path, info, _, answer = env.start(CID, opts(env.endpoint, cache_max_size="1k",
+                                                cache_max_file="3", cache_compress="true"))
+    assert answer == {"Err": ""}
+    lines = [b"entry-%03d-" % i + b"p" * 40 for i in range(200)]
+    for i, line in enumerate(lines):
+        env.log(path, env.entry(line, time_nano=1_000 + i))
+    env.stop(path)
+    env.collector.wait_for(200)
+    directory = os.path.join(env.plugin.state_dir, CID, "local-logs")
+    got = [e.line for e in env.read_logs(info)]
+    names = sorted(os.listdir(directory))
+    assert names == ["container.log", "container.log.1.gz", "container.log.2.gz"]
+    # What is left is the newest part of the log, complete, in order.
+    assert got and got == [line + b"\n" for line in lines[-len(got):]]
+    assert len(got) < 200
+
+
+def test_old_copies_are_cleaned_up_but_active_ones_kept(env):
+    path, info, _, _ = env.start(CID, opts(env.endpoint))
+    env.log(path, env.entry(b"x"))
+    env.collector.wait_for(1)
+    old = os.path.join(env.plugin.state_dir, "a" * 64, "local-logs")
+    os.makedirs(old)
+    with open(os.path.join(old, "container.log"), "wb") as f:
+        f.write(b"")
+    removed = env.plugin.plugin.clean_old_copies(now=time.time() + 30 * 86400)
+    assert removed == 1
+    assert not os.path.exists(old)
+    assert os.path.exists(os.path.join(env.plugin.state_dir, CID, "local-logs", "container.log"))
+    env.stop(path)
+
+
+def test_cache_disabled_means_no_copy_and_empty_read_logs(env):
+    path, info, _, answer = env.start(CID, opts(env.endpoint, cache_disabled="true"))
+    assert answer == {"Err": ""}
+    env.log(path, env.entry(b"only-forwarded"))
+    env.stop(path)
+    env.collector.wait_for(1)
+    assert env.read_logs(info) == []
+    assert not os.path.exists(os.path.join(env.plugin.state_dir, CID))

@@ -99,14 +99,22 @@ class LocalLog:
         self._size = self._file.tell()
 
     def write(self, records):
-        """Append whole ``[len][entry][len]`` records; rotates first when the file is full."""
-        if not records:
-            return
-        if self.max_size > 0 and self._size >= self.max_size:
-            self.rotate()
-        self._file.write(records)
+        """Append whole ``[len][entry][len]`` records. As Docker's rotation, the size is checked
+        before each record, so a file can go over max_size by one record."""
+        pos, size = 0, len(records)
+        while pos < size:
+            if self.max_size > 0 and self._size >= self.max_size:
+                self.rotate()
+            # Take every record that starts while the file is still under max_size.
+            end = pos
+            room = self.max_size - self._size if self.max_size > 0 else size
+            while end < size and (end - pos) < room:
+                (length,) = _LEN.unpack_from(records, end)
+                end += length + 8
+            self._file.write(records[pos:end])
+            self._size += end - pos
+            pos = end
         self._file.flush()
-        self._size += len(records)
 
     def rotate(self):
         self._file.close()
@@ -600,14 +608,17 @@ def make_app(plugin):
     return app
 
 
-async def serve(socket_path, state_dir, retention_s=DEFAULT_RETENTION_S, ready=None, stop=None):
-    """Serve the plugin until ``stop`` (an asyncio.Event) is set; ``ready`` is set when listening."""
+async def serve(socket_path, state_dir, retention_s=DEFAULT_RETENTION_S, ready=None, stop=None,
+                plugin=None):
+    """Serve the plugin until ``stop`` (an asyncio.Event) is set; ``ready`` is set when listening.
+    ``plugin`` may be given (a :class:`Plugin` on ``state_dir``) to look at its state."""
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     os.chmod(state_dir, 0o700)
     os.makedirs(os.path.dirname(os.path.abspath(socket_path)), exist_ok=True)
     if os.path.exists(socket_path):
         os.unlink(socket_path)      # a stale socket of a previous run
-    plugin = Plugin(state_dir, retention_s)
+    if plugin is None:
+        plugin = Plugin(state_dir, retention_s)
     plugin.clean_old_copies()
     runner = web.AppRunner(make_app(plugin), handle_signals=False, access_log=None)
     await runner.setup()
