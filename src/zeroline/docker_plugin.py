@@ -231,19 +231,8 @@ class LoggingInstance:
     def name(self):
         return "%s (%s)" % (self.info.short_id or "?", os.path.basename(self.path)[:12])
 
-    async def start(self):
-        # A pub sink drops what it sends before a first subscriber: read nothing until one is
-        # there (in blocking mode the container then waits, as with a full pipe).
-        warned = False
-        started = time.monotonic()
-        while not self.sink.poll_peer(0):
-            if self.done.done():
-                return
-            if not warned and time.monotonic() - started > self.options.peer_wait_s > 0:
-                warned = True
-                _log("%s: no peer at %s yet; holding the container's logs until one connects"
-                     % (self.name, self.sink.endpoint))
-            await asyncio.sleep(0.05)
+    def start(self):
+        # Reading starts at once; the supervisor holds the sends until the sink has a peer.
         self.copier = self.supervisor.add(self.fd, self.stream, self.name,
                                           blocking=self.options.mode == "blocking",
                                           on_feed=self._on_feed, on_finish=self._on_finish)
@@ -279,15 +268,7 @@ class LoggingInstance:
         if self.done.done():
             return
         self._report("no EOF %gs after StopLogging; closing the FIFO" % STOP_EOF_WAIT_S)
-        if self.copier is not None:
-            self.copier.finish()
-            return
-        # Never started: no peer ever connected, so nothing could be sent.
-        os.close(self.fd)
-        if self.local is not None:
-            self.local.close()
-        self.done.set_result(None)
-        self.plugin._instance_done(self)
+        self.copier.finish()
 
 
 def _tenant_service(info):
@@ -350,7 +331,7 @@ class Plugin:
         instance = LoggingInstance(self, path, fd, info, options, sink_entry, local)
         self.instances[path] = instance
         self.by_container[info.container_id].add(instance)
-        asyncio.get_running_loop().create_task(instance.start())
+        instance.start()
         return ""
 
     async def stop_logging(self, body):
@@ -387,9 +368,25 @@ class Plugin:
         entry = self.sinks.get(key)
         if entry is None:
             sink = Sink(options)
-            entry = (sink, Supervisor(sink.socket, asyncio.get_running_loop()))
-            self.sinks[key] = entry
+            supervisor = Supervisor(sink.socket, asyncio.get_running_loop())
+            entry = self.sinks[key] = (sink, supervisor)
+            if not sink.poll_peer(0):
+                # A pub socket drops what it sends before a first subscriber: hold the sends (in
+                # blocking mode the containers then wait, as with a full pipe).
+                supervisor.hold()
+                asyncio.get_running_loop().create_task(self._release_on_peer(sink, supervisor))
         return entry
+
+    async def _release_on_peer(self, sink, supervisor):
+        started, warned = time.monotonic(), False
+        while not sink.poll_peer(0):
+            if sink.closed:
+                return
+            if not warned and time.monotonic() - started > sink.options.peer_wait_s > 0:
+                warned = True
+                _log("no peer at %s yet; holding logs until one connects" % sink.endpoint)
+            await asyncio.sleep(0.05)
+        supervisor.release()
 
     def _instance_done(self, instance):
         self.instances.pop(instance.path, None)
@@ -544,10 +541,7 @@ class Plugin:
 
     async def close(self):
         for instance in list(self.instances.values()):
-            if instance.copier is not None:
-                instance.copier.finish()
-            else:
-                instance.stop()
+            instance.copier.finish()
         for sink, supervisor in self.sinks.values():
             await supervisor.drain(sink.options.linger_s)
             supervisor.close()

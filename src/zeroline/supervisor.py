@@ -121,6 +121,7 @@ class Supervisor:
         self._open = 0
         self._all_done = loop.create_future()
         self._all_done.set_result(None)
+        self._held = False
         self.blocked_total = 0
 
     # -- copiers --------------------------------------------------------------------------------
@@ -160,10 +161,26 @@ class Supervisor:
             copier.finish()
 
     # -- sending ----------------------------------------------------------------------------------
+    def hold(self):
+        """Send nothing until :meth:`release` (e.g. before a pub socket's first subscriber, which
+        would drop everything): blocking copiers stop after one read, non-blocking ones go on
+        reading into their rings and count what they drop."""
+        self._held = True
+
+    def release(self):
+        self._held = False
+        self._retry()
+
     def _send(self, copier):
         stream = copier.stream
         if not stream.pending_messages:
             self._check_done()
+            return
+        if self._held:
+            if copier not in self._backlog:
+                self._backlog.append(copier)
+            if copier.blocking:
+                copier._stop()
             return
         if not self._backlog:
             stream.send(self.socket, block=False)
@@ -201,6 +218,8 @@ class Supervisor:
         if self._retry_handle is not None:
             self._retry_handle.cancel()
             self._retry_handle = None
+        if self._held:
+            return
         # Round-robin: whoever is first in the backlog goes first; a partly sent one goes last.
         while self._backlog:
             copier = self._backlog[0]
@@ -253,7 +272,7 @@ class Supervisor:
     async def drain(self, timeout_s):
         """Send the backlog, waiting at most ``timeout_s``; returns messages left unsent."""
         deadline = time.monotonic() + timeout_s
-        while self._backlog and time.monotonic() < deadline:
+        while self._backlog and not self._held and time.monotonic() < deadline:
             self._retry()
             if self._backlog:
                 await asyncio.sleep(RETRY_S)
