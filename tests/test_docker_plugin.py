@@ -475,3 +475,26 @@ def test_cache_disabled_means_no_copy_and_empty_read_logs(env):
     env.collector.wait_for(1)
     assert env.read_logs(info) == []
     assert not os.path.exists(os.path.join(env.plugin.state_dir, CID))
+
+
+def test_non_blocking_container_never_waits_for_a_missing_collector(env):
+    nobody = "ipc://%s/nobody.ipc" % env.work_dir
+    path, info, _, answer = env.start(CID, opts(nobody, mode="non-blocking",
+                                                max_buffer_size="1k"))
+    assert answer == {"Err": ""}
+    n = 2000      # 2000 x ~120 bytes: far more than the 64 KiB a pipe holds
+    writer = threading.Thread(target=env.log, args=[path] + [env.entry(b"z" * 100)
+                                                             for _ in range(n)])
+    writer.start()
+    writer.join(TIMEOUT_S)
+    assert not writer.is_alive(), "the container was blocked in non-blocking mode"
+    instance = env.plugin.plugin.instances[path]
+    deadline = time.monotonic() + TIMEOUT_S
+    while instance.stream.entries_total < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    st = instance.stream.stats()
+    # Docker's ring: 10 lines of 100 bytes fit in 1 KiB, every later one is dropped and counted.
+    assert (st["pending_messages"], st["dropped_total"]) == (10, n - 10)
+    # Every entry still went to the local copy, so docker logs shows them all.
+    env.stop(path)
+    assert len(env.read_logs(info)) == n
