@@ -141,6 +141,7 @@ def test_reassembled_messages_give_back_the_input(name, case, limit, seed):
     # from 1 inside one id; a group keeps its first chunk's time.
     open_group = None
     seen_ids = set()
+    expected_ordinal = 1
     for m in fed + closed:
         assert len(m.line) <= limit
         if m.partial is None:

@@ -28,12 +28,13 @@ import stat
 import struct
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 
 from aiohttp import web
 
 from . import core
-from .config import ContainerInfo, parse_bool, parse_decimal_size, validate_log_opts
+from .config import (ContainerInfo, extra_attributes, parse_bool, parse_decimal_size,
+                     tenant_service, validate_log_opts)
 from .errors import ConfigError, ZerolineError
 from .output import Sink
 from .supervisor import Supervisor
@@ -216,10 +217,8 @@ class LoggingInstance:
         self.copier = None
         self.stopping = False
         self.done = asyncio.get_running_loop().create_future()
-        tenant, service = _tenant_service(info)
+        tenant, service = tenant_service(info.env)
         cid = info.short_id if options.container_id_format == "short" else info.container_id
-        from .config import extra_attributes
-
         self.stream = core.EntryStream(
             framing=options.framing, tenant=tenant, service=service, container_id=cid,
             container_name=info.container_name, attrs=extra_attributes(info, options),
@@ -269,12 +268,6 @@ class LoggingInstance:
             return
         self._report("no EOF %gs after StopLogging; closing the FIFO" % STOP_EOF_WAIT_S)
         self.copier.finish()
-
-
-def _tenant_service(info):
-    from .config import tenant_service
-
-    return tenant_service(info.env)
 
 
 def _sink_key(options):
@@ -425,10 +418,8 @@ class Plugin:
             position = await self._send_existing(response, directory, since, until, tail)
             if follow:
                 await self._follow(response, directory, info.container_id, until, position)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             # The daemon hung up (docker logs -f ended): nothing to answer.
-            if asyncio.current_task() is not None and asyncio.current_task().cancelling():
-                raise
             return response
         await response.write_eof()
         return response
