@@ -8,6 +8,15 @@ One run measures, on the same seeded inputs (W1, W2), interleaved and repeated (
   d  naive reference: readline loop + pyzmq send_multipart per line (fewer lines)
   e  compiled Stream into a bound XPUB (XPUB_NODROP=1) with no subscriber: sender cost only
   f  plain C reference sender (read + memchr + three zmq_send per line), if it compiles
+and, on W1 only (benchmarks/bench_supervisor.py):
+  sup      100 chatty streams (pipes) → zeroline's Supervisor (uvloop) → receiver process that
+           checks count + CRC per stream; aggregate lines/s, fairness, RSS
+  fwd_col  zeroline forward → zeroline collect --out DIR --count N → file (lines + CRC checked)
+  rx       collector receive path alone: compiled Receiver.recv + take_payloads (queue pre-filled)
+  rx_py    the same with a Python recv_multipart loop
+  design rows, full runs only (or --rows): worker-thread prototype K=2/4 (sup_t2, sup_t4),
+           400 idle streams more (sup500*), a parking-supervisor prototype (sup_park*), the old
+           ZMQ_FD handler (sup_fdspin); see docs/design.md
 then prints a table and the ratios, appends JSON lines to benchmarks/results/results.jsonl and,
 with ``--check``, exits 1 when a ratio of benchmarks/gates.toml is under its floor or a check of
 messages and bytes failed.
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -35,7 +45,15 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results", "results.jsonl")
 GATES = os.path.join(HERE, "gates.toml")
 
-ROWS = ("a", "b", "b_cli", "c", "d", "e", "f")
+# Rows of issue 3 (bench_supervisor.py), measured on W1 only: fixed 100-byte lines.
+SERVICE_ROWS = ("sup", "fwd_col", "rx", "rx_py")
+DESIGN_ROWS = ("sup_t2", "sup_t4", "sup500", "sup500_t2", "sup500_t4", "sup_park", "sup500_park",
+               "sup_fdspin")
+SERVICE_WORKLOAD = "W1"
+ROWS = ("a", "b", "b_cli", "c", "d", "e", "f") + SERVICE_ROWS + DESIGN_ROWS
+#: --quick leaves the design rows out (they are for docs/design.md, not for the gate).
+QUICK_ROWS = tuple(r for r in ROWS if r not in DESIGN_ROWS)
+SUP_ROWS = ("sup",) + DESIGN_ROWS
 ROW_INFO = {
     # row: (impl, what)
     "a": ("cython", "cut+frame in memory"),
@@ -45,6 +63,18 @@ ROW_INFO = {
     "d": ("naive-pyzmq", "e2e readline+send_multipart"),
     "e": ("cython", "send → XPUB, no subscriber"),
     "f": ("c-ref", "e2e C read+memchr+zmq_send"),
+    "sup": ("supervisor", "100 streams → Supervisor"),
+    "fwd_col": ("cli", "forward → collect → file"),
+    "rx": ("cython", "receive: Receiver, queued"),
+    "rx_py": ("pyzmq", "receive: recv_multipart loop"),
+    "sup_t2": ("threads-2", "100 streams → 2 worker threads"),
+    "sup_t4": ("threads-4", "100 streams → 4 worker threads"),
+    "sup500": ("supervisor", "100 + 400 idle → Supervisor"),
+    "sup500_t2": ("threads-2", "100 + 400 idle → 2 threads"),
+    "sup500_t4": ("threads-4", "100 + 400 idle → 4 threads"),
+    "sup_park": ("parking-loop", "100 streams → parking loop"),
+    "sup500_park": ("parking-loop", "100 + 400 idle → parking loop"),
+    "sup_fdspin": ("supervisor", "100 streams, retry per ZMQ_FD"),
 }
 # Ratio = median over rounds of the per-round ratio (rows of one round ran back to back);
 # the gated ones and their floors are in gates.toml [ratios].
@@ -55,19 +85,29 @@ RATIOS = {
     "a_over_b": ("a", "b"),
     "b_over_f": ("b", "f"),
     "b_cli_over_b": ("b_cli", "b"),
+    "sup_over_b": ("sup", "b"),
+    "sup_over_b_cli": ("sup", "b_cli"),
+    "fwd_col_over_b": ("fwd_col", "b"),
+    "rx_over_rx_py": ("rx", "rx_py"),
 }
 
 # Per-round numbers kept in results.jsonl next to the medians.
 ROUND_KEYS = ("lines_per_s", "wall_s", "wall_recv_s", "wall_launch_s", "cpu_send_s", "cpu_recv_s",
-              "peak_rss_mb", "recv_rss_mb", "ru_maxrss_mb", "passes", "messages", "error")
+              "peak_rss_mb", "recv_rss_mb", "ru_maxrss_mb", "passes", "messages", "error",
+              "fairness", "spread", "window_min", "window_max", "blocked", "zmq_fd_wakeups",
+              "collector_span_s")
+# Numbers of the supervisor rows kept as medians next to the common ones.
+SUP_KEYS = ("fairness", "spread", "kib_per_stream", "blocked", "zmq_fd_wakeups", "cpu_writer_s")
 
 MODES = {
     # lines per workload for the full-size rows; slow rows (c, d) use the first slow_lines;
     # a and e repeat passes over the input until their timed loop lasts min_time_s.
+    # stream_lines: lines per chatty stream of the sup rows (100 streams); rx_lines: messages
+    # queued for row rx (~470 bytes each in the receiver while queued, hence the cap).
     "full": {"lines": {"W1": 3_000_000, "W2": 2_000_000}, "slow_lines": 400_000,
-             "min_time_s": 0.5},
+             "min_time_s": 0.5, "stream_lines": 10_000, "rx_lines": 400_000},
     "quick": {"lines": {"W1": 400_000, "W2": 400_000}, "slow_lines": 60_000,
-              "min_time_s": 0.25},
+              "min_time_s": 0.25, "stream_lines": 6_000, "rx_lines": 400_000},
 }
 
 
@@ -82,20 +122,26 @@ def parse_args(argv):
                    help="exit 1 when a gated ratio is under its floor or a check failed")
     p.add_argument("--reps", type=int, default=3, help="rounds, interleaved (default 3)")
     p.add_argument("--workloads", default="W1,W2", help="comma-separated (default W1,W2)")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated of " + ",".join(ROWS))
+    p.add_argument("--rows", default=None,
+                   help="comma-separated of %s (default: all; --quick: all but %s)"
+                   % (",".join(ROWS), ",".join(DESIGN_ROWS)))
     p.add_argument("--lines", type=int, help="lines per workload (overrides the mode)")
     p.add_argument("--slow-lines", type=int, help="lines for rows c and d (overrides the mode)")
+    p.add_argument("--stream-lines", type=int,
+                   help="lines per chatty stream of the sup rows (overrides the mode)")
     p.add_argument("--seed", type=int, default=1, help="input seed (default 1)")
     p.add_argument("--cli-stdin", choices=("file", "pipe"), default="file",
                    help="how the CLI gets its input: '< file' (default) or a pipe")
     p.add_argument("--no-save", action="store_true", help="do not append to results.jsonl")
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if args.rows is None:
+        args.rows = ",".join(QUICK_ROWS if args.quick else ROWS)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for w in args.workloads:
         if w not in WORKLOADS:
             p.error("unknown workload %r (have %s)" % (w, ", ".join(WORKLOADS)))
-    for n in (args.lines, args.slow_lines):
+    for n in (args.lines, args.slow_lines, args.stream_lines):
         if n is not None and n < 1:
             p.error("line counts must be positive")
     for r in args.rows:
@@ -166,6 +212,8 @@ def make_context():
     if ROOT not in path.split(os.pathsep):
         os.environ["PYTHONPATH"] = ROOT + (os.pathsep + path if path else "")
     ctx = multiprocessing.get_context("forkserver")
+    # benchmarks.bench_supervisor (and the uvloop and zeroline.supervisor it uses) is imported by
+    # its own children only: preloaded, it would add 2-5 MB to every child's RSS figure.
     ctx.set_forkserver_preload(["zmq", "msgpack", "zeroline._core", "zeroline._core_py",
                                 "benchmarks.bench_core", "benchmarks.bench_e2e"])
     return ctx
@@ -186,6 +234,8 @@ class Session:
         self.mode = "quick" if args.quick else "full"
         conf = MODES[self.mode]
         self.min_time_s = conf["min_time_s"]
+        self.stream_lines = args.stream_lines or conf["stream_lines"]
+        self.rx_lines = conf["rx_lines"]
         self.workloads = {}
         for name in args.workloads:
             lines = args.lines or conf["lines"][name]
@@ -217,7 +267,7 @@ class Session:
 
 
 def measure_row(sess, ctx, row, wl, tools):
-    from . import bench_core, bench_e2e
+    from . import bench_core, bench_e2e, bench_supervisor
     from .bench_core import PREFIX
 
     full = (wl.nbytes, wl.lines)
@@ -226,6 +276,21 @@ def measure_row(sess, ctx, row, wl, tools):
     def digest_for(nbytes):
         return lambda prefix: sess.digest(wl, nbytes, prefix)
 
+    if row in SUP_ROWS:
+        lines = min(sess.stream_lines, wl.lines)
+        return bench_supervisor.measure_supervisor(
+            ctx, row, wl, sess.endpoint(row), lines,
+            lambda nbytes, prefix: sess.digest(wl, nbytes, prefix))
+    if row == "fwd_col":
+        return bench_supervisor.measure_fwd_col(ctx, tools["b_cli"], wl, sess.endpoint(row),
+                                                sess.tmp, digest_for(wl.nbytes))
+    if row in ("rx", "rx_py"):
+        lines = min(sess.rx_lines if row == "rx" else wl.small_lines, wl.lines)
+        nbytes = wl.small_nbytes if lines == wl.small_lines else \
+            bench_supervisor.prefix_bytes(wl.path, lines)
+        return bench_supervisor.measure_receive(ctx, "cython" if row == "rx" else "pyzmq", wl,
+                                                sess.endpoint(row), nbytes, lines,
+                                                digest_for(nbytes))
     if row == "a":
         return bench_core.measure_cut_frame(ctx, wl, sess.min_time_s)
     if row == "e":
@@ -291,10 +356,10 @@ def run(args):
             tools["f"], why = bench_e2e.build_ref_sender(tmp)
             if why:
                 sess.skipped["f"] = why
-        if "b_cli" in args.rows:
+        if "b_cli" in args.rows or "fwd_col" in args.rows:
             tools["b_cli"], why = bench_e2e.find_cli()
             if why:
-                sess.skipped["b_cli"] = why
+                sess.skipped["b_cli"] = sess.skipped["fwd_col"] = why
             else:
                 sess.notes["cli"] = "%s (%s)" % (tools["b_cli"], bench_e2e.cli_version(
                     tools["b_cli"]) or "version unknown")
@@ -307,6 +372,8 @@ def run(args):
             order = rows if rnd % 2 == 0 else rows[::-1]
             for name, wl in sess.workloads.items():
                 for row in order:
+                    if row in SERVICE_ROWS + DESIGN_ROWS and name != SERVICE_WORKLOAD:
+                        continue
                     t = time.monotonic()
                     res = finish(measure_row(sess, ctx, row, wl, tools))
                     sess.results.setdefault((name, row), []).append(res)
@@ -347,6 +414,8 @@ def summarize(sess, floors, per_workload, targets):
             else "FAIL",
             "errors": [r["error"] for r in results if "error" in r],
             "passes": results[0].get("passes"),
+            **{k: median(r.get(k) for r in ok) for k in SUP_KEYS
+               if any(r.get(k) is not None for r in ok)},
             "rounds": [{k: r.get(k) for k in ROUND_KEYS if r.get(k) is not None}
                        for r in results],
         }
@@ -374,14 +443,20 @@ def target_status(sess, rows, targets):
     checks = [("b_lines_per_s", "b", "lines_per_s", ">="),
               ("e_lines_per_s", "e", "lines_per_s", ">="),
               ("a_lines_per_s", "a", "lines_per_s", ">="),
-              ("cli_peak_rss_mb", "b_cli", "peak_rss_mb", "<")]
+              ("cli_peak_rss_mb", "b_cli", "peak_rss_mb", "<"),
+              ("fwd_col_lines_per_s", "fwd_col", "lines_per_s", ">="),
+              ("sup_fairness", "sup", "fairness", "<="),
+              ("sup_peak_rss_mb", "sup", "peak_rss_mb", "<"),
+              ("sup_kib_per_stream", "sup500", "kib_per_stream", "<")]
     for name in sess.workloads:
         for key, row, metric, op in checks:
-            if key not in targets:
+            if key not in targets or (row in SERVICE_ROWS + DESIGN_ROWS
+                                       and name != SERVICE_WORKLOAD):
                 continue
             value = rows.get((name, row), {}).get(metric)
             goal = float(targets[key])
-            ok = None if value is None else (value >= goal if op == ">=" else value < goal)
+            ok = None if value is None else (value >= goal if op == ">=" else
+                                             value <= goal if op == "<=" else value < goal)
             out[(name, key)] = {"value": value, "target": goal, "op": op, "ok": ok}
     return out
 
@@ -392,7 +467,7 @@ def report(sess, summary, targets):
     rows, ratios = summary["rows"], summary["ratios"]
     head = ("row", "impl", "what", "lines", "lines/s", "MB/s", "CPU s/M", "send", "recv",
             "RSS MB", "check")
-    line_fmt = "%-5s %-11s %-28s %10s %10s %7s %8s %6s %6s %7s  %s"
+    line_fmt = "%-11s %-12s %-30s %10s %10s %7s %8s %6s %6s %7s  %s"
     for name, wl in sess.workloads.items():
         print("\n%s: %s; %s lines, %.1f MB (c, d: first %s lines)"
               % (name, DESCRIPTIONS[name], format(wl.lines, ","), wl.nbytes / 1e6,
@@ -401,7 +476,8 @@ def report(sess, summary, targets):
         for row in ROWS:
             impl, what = ROW_INFO[row]
             if row in sess.skipped:
-                print("%-5s %-11s %-28s skipped: %s" % (row, impl, what, sess.skipped[row]))
+                if row not in SERVICE_ROWS + DESIGN_ROWS or name == SERVICE_WORKLOAD:
+                    print("%-11s %-12s %-30s skipped: %s" % (row, impl, what, sess.skipped[row]))
                 continue
             s = rows.get((name, row))
             if s is None:
@@ -420,6 +496,7 @@ def report(sess, summary, targets):
                               fmt(s["cpu_send_s_per_mline"], "%.2f"),
                               fmt(s["cpu_recv_s_per_mline"], "%.2f"),
                               fmt(s["peak_rss_mb"]), check))
+        sup_table(sess, rows, name)
         print("ratios (median of per-round pairs):")
         for ratio in RATIOS:
             r = ratios.get((name, ratio))
@@ -437,7 +514,7 @@ def report(sess, summary, targets):
                 continue
             shown = fmt_rate(t["value"]) if key.endswith("per_s") else fmt(t["value"])
             goal = fmt_rate(t["target"]) if key.endswith("per_s") else fmt(t["target"])
-            print("  %-16s %10s  target %s %s  %s" % (
+            print("  %-20s %10s  target %s %s  %s" % (
                 key, shown, t["op"], goal,
                 "n/a" if t["ok"] is None else ("met" if t["ok"] else "MISSED")))
     print("\nload average (1 min) before/after: %s / %s on %d CPUs; other load skews single "
@@ -446,7 +523,33 @@ def report(sess, summary, targets):
              os.cpu_count() or 0))
     print("CPU s/M: CPU seconds per million lines of the sender and receiver processes "
           "(getrusage, all threads);\n  row a: feed+clear only; b_cli: whole CLI process incl. "
-          "start-up, timed first→last message at the receiver.\nRSS MB: sender peak (VmHWM).")
+          "start-up, timed first→last message at the receiver;\n  sup*: the supervisor process "
+          "(writer process apart), timed go → last message; fwd_col: both CLI processes\n  incl. "
+          "start-up, timed at the file, first line → last; rx*: receiver only, on a queue filled "
+          "first.\nRSS MB: sender peak (VmHWM); sup*: the supervisor process; fwd_col: zeroline "
+          "forward.")
+
+
+def sup_table(sess, rows, name):
+    """The supervisor rows' own numbers (medians): fairness, memory, how often it blocked."""
+    have = [r for r in SUP_ROWS if (name, r) in rows]
+    if not have:
+        return
+    print("supervisor rows: fairness = max/min lines per chatty stream when the first finished "
+          "(1.0 = fair; inf = a stream\n  had none yet); spread = max/min of each stream's "
+          "average rate to its end; KiB/stream = RSS growth\n  while the streams were set up, "
+          "per stream; blocked = socket refusals; wake-ups = ZMQ_FD readiness callbacks")
+    fmt_ = "  %-11s %8s %8s %9s %10s %8s %10s %10s"
+    print(fmt_ % ("row", "streams", "fairness", "spread", "KiB/stream", "blocked", "wake-ups",
+                  "writer CPU"))
+    for row in have:
+        s = rows[(name, row)]
+        streams = next((r.get("streams") for r in sess.results[(name, row)] if r.get("streams")),
+                       None)
+        print(fmt_ % (row, fmt(streams, "%d"), fmt(s.get("fairness"), "%.2f"),
+                      fmt(s.get("spread"), "%.2f"), fmt(s.get("kib_per_stream"), "%.2f"),
+                      fmt(s.get("blocked"), "%d"), fmt(s.get("zmq_fd_wakeups"), "%d"),
+                      fmt(s.get("cpu_writer_s"), "%.2f s")))
 
 
 def _short(n):
@@ -467,13 +570,24 @@ def save(sess, summary, run_id, commit, dirty, elapsed):
         for (name, row), s in summary["rows"].items():
             impl, what = ROW_INFO[row]
             rec = dict(base, kind="row", workload=name, row=row, impl=impl, what=what, **s)
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.write(json.dumps(_finite(rec), sort_keys=True) + "\n")
         for name in sess.workloads:
             ratios = {k: v for (w, k), v in summary["ratios"].items() if w == name}
             targets = {k: v for (w, k), v in summary["targets"].items() if w == name}
             rec = dict(base, kind="ratios", workload=name, ratios=ratios, targets=targets,
                        skipped=sess.skipped, notes=sess.notes, elapsed_s=round(elapsed, 1))
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.write(json.dumps(_finite(rec), sort_keys=True) + "\n")
+
+
+def _finite(value):
+    """JSON has no infinity (fairness of a starved stream): null, the window counts tell why."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def verdict(sess, summary, targets, args):

@@ -173,3 +173,157 @@ def test_check_fails_below_a_floor(b_rate, fails, capsys):
     args = types.SimpleNamespace(check=True, quick=True)
     assert bench_main.verdict(sess, summary, targets, args) == (1 if fails else 0)
     assert ("CHECK FAILED" in capsys.readouterr().out) is fails
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 3 rows (benchmarks/bench_supervisor.py)
+
+from benchmarks import bench_supervisor  # noqa: E402
+
+
+def _records(stream, first, count):
+    return [bench_supervisor.stream_prefix(stream) + b"%010d " % i + b"x" * 88 + b"\n"
+            for i in range(first, first + count)]
+
+
+def test_stream_tally_splits_by_stream_in_arrival_order():
+    expected = {bench_supervisor.stream_key(i): 6 for i in range(3)}
+    tally = bench_supervisor.StreamTally(expected, chatty=list(expected))
+    a, b, c = (_records(i, 0, 6) for i in range(3))
+    # Runs of one stream, then message-by-message interleaving (several sockets), then the end.
+    tally.add(b"".join(a[:3] + b[:1] + c[:1] + b[1:2] + c[1:2]), now=1.0)
+    tally.add(b"".join(a[3:] + b[2:4]), now=2.0)           # a completes here: window closes
+    tally.add(b"".join(b[4:] + c[2:] + _records(7, 0, 2)), now=3.0)
+    for i, records in enumerate((a, b, c)):
+        key = bench_supervisor.stream_key(i)
+        assert tally.counts[key] == 6
+        assert tally.crcs[key] == zlib.crc32(b"".join(records))
+    assert tally.window == {expected_key: n for expected_key, n in
+                            zip(expected, (6, 2, 2))}            # exactly when a completed
+    assert tally.fairness() == 3.0 and tally.unknown == 2
+    assert tally.done_at == dict(zip(expected, (2.0, 3.0, 3.0)))
+
+
+def test_stream_tally_names_a_starved_stream():
+    expected = {bench_supervisor.stream_key(i): 2 for i in range(2)}
+    tally = bench_supervisor.StreamTally(expected, chatty=list(expected))
+    tally.add(b"".join(_records(0, 0, 2)), now=1.0)
+    assert tally.window[bench_supervisor.stream_key(1)] == 0
+    assert tally.fairness() == float("inf")
+
+
+@pytest.mark.parametrize("mode, threads", [("loop", 0), ("threads", 2), ("park", 0)])
+def test_supervisor_row_checks_every_stream(tmp, mode, threads):
+    # In-process: the receiver in a thread, the supervisor side here (it forks its writer).
+    wl = workloads.generate("W1", 400, os.path.join(tmp, "w1"), seed=1)
+    n_chatty, n_idle, lines = 6, 3, 300
+    nbytes = bench_supervisor.prefix_bytes(wl.path, lines)
+    first = bench_supervisor.prefix_bytes(wl.path, 1)
+    want = {bench_supervisor.stream_key(i): workloads.expected_digest(
+        wl.path, nbytes if i < n_chatty else first, bench_supervisor.stream_prefix(i))
+        for i in range(n_chatty + n_idle)}
+    expected = {k: m for k, (m, _) in want.items()}
+    endpoint = "ipc://%s/sup.ipc" % tmp
+    ready, done = threading.Event(), threading.Event()
+    box = {}
+
+    def receive():
+        box["r"] = bench_supervisor._demux_receiver(
+            endpoint, expected, list(expected)[:n_chatty], ready, done, deadline_s=30.0,
+            impl=IMPLS[0])
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10.0)
+        sres = bench_supervisor._sup_sender(mode, threads, endpoint, n_chatty, n_idle, wl.path,
+                                            nbytes, deadline_s=30.0, impl=IMPLS[0])
+    finally:
+        done.set()
+        thread.join(35.0)
+    assert not thread.is_alive()
+    res = bench_supervisor.check_supervisor(sres, box["r"], want, n_chatty * lines + n_idle,
+                                            n_chatty, n_idle, lines, nbytes * n_chatty,
+                                            mode, threads)
+    assert "error" not in res, res.get("error")
+    assert res["verified"] == "per-stream count+crc" and res["messages"] == sum(expected.values())
+    assert res["wall_s"] > 0 and res["fairness"] >= 1.0 and res["writer_status"] == 0
+    assert res["kib_per_stream"] is not None
+    # A lost message is caught per stream.
+    key = bench_supervisor.stream_key(1)
+    box["r"]["counts"][key] -= 1
+    bad = bench_supervisor.check_supervisor(sres, box["r"], want, n_chatty * lines + n_idle,
+                                            n_chatty, n_idle, lines, nbytes * n_chatty,
+                                            mode, threads)
+    assert bad["verified"] == "FAIL" and "stream 001" in bad["error"]
+
+
+@pytest.mark.parametrize("impl", ["cython", "pyzmq"])
+def test_receive_rows_drain_a_filled_queue(tmp, impl):
+    if impl == "cython" and "cython" not in IMPLS:
+        pytest.skip("compiled core not built")
+    wl = workloads.generate("W1", 3000, os.path.join(tmp, "w1"), seed=1)
+    endpoint = "ipc://%s/rx.ipc" % tmp
+    messages, crc = workloads.expected_digest(wl.path, wl.nbytes, PREFIX)
+    ready, done = threading.Event(), threading.Event()
+    box = {}
+
+    def receive():
+        box["r"] = bench_supervisor._prefilled_receiver(endpoint, impl, messages, ready, done,
+                                                        deadline_s=20.0)
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10.0)
+        bench_e2e._stream_sender(IMPLS[0], wl.path, wl.nbytes, endpoint, 1000)
+    finally:
+        done.set()
+        thread.join(25.0)
+    assert not thread.is_alive()
+    got = box["r"]
+    assert (got["messages"], got["crc"], got["malformed"]) == (messages, crc, 0)
+    assert got["t_last"] > got["t0"]
+
+
+def test_quick_runs_leave_the_design_rows_out():
+    quick = bench_main.parse_args(["--quick"])
+    full = bench_main.parse_args([])
+    assert set(bench_main.SERVICE_ROWS) <= set(quick.rows)
+    assert not set(bench_main.DESIGN_ROWS) & set(quick.rows)
+    assert set(full.rows) == set(bench_main.ROWS)
+    assert bench_main.parse_args(["--quick", "--rows", "sup_t2"]).rows == ["sup_t2"]
+    floors, _, targets = bench_main.load_gates()
+    assert floors["sup_over_b"] == 0.8 and "fwd_col_over_b" in floors
+    assert "rx_over_rx_py" in floors and targets["sup_fairness"] == 2.0
+
+
+@pytest.mark.parametrize("sup_rate, fails", [(9e5, False), (7e5, True)])
+def test_supervisor_gate_and_fairness_target(sup_rate, fails, capsys):
+    floors, per_workload, targets = bench_main.load_gates()
+    sess = _fake_session({"b": [1e6] * 3, "sup": [sup_rate] * 3})
+    for res in sess.results[("W1", "sup")]:
+        res["fairness"] = float("inf")
+    sess.results[("W1", "sup")][0]["streams"] = 100
+    summary = bench_main.summarize(sess, floors, per_workload, targets)
+    assert summary["ratios"][("W1", "sup_over_b")]["ok"] is not fails
+    assert summary["targets"][("W1", "sup_fairness")]["ok"] is False     # reported, not gated
+    args = types.SimpleNamespace(check=True, quick=True)
+    assert bench_main.verdict(sess, summary, targets, args) == (1 if fails else 0)
+    assert bench_main._finite({"x": [float("inf"), 1.5]}) == {"x": [None, 1.5]}
+    bench_main.sup_table(sess, summary["rows"], "W1")
+    assert "inf" in capsys.readouterr().out
+
+
+def test_service_rows_run_from_the_command_line(capsys):
+    # The real harness (forkserver children, CLI processes), tiny sizes; W1 only.
+    if "cython" not in IMPLS:
+        pytest.skip("the rows' receivers use the compiled core")
+    rows = "sup,rx,rx_py" + (",fwd_col" if shutil.which("zeroline") else "")
+    status = bench_main.main(["--quick", "--reps", "1", "--rows", rows, "--workloads", "W1",
+                              "--lines", "20000", "--slow-lines", "4000", "--stream-lines", "300",
+                              "--no-save"])
+    out = capsys.readouterr().out
+    # Tiny timings are too noisy for floors (not --check): every check must pass, though.
+    assert status == 0 and "FAIL" not in out and "ERROR" not in out, out[-3000:]
+    assert "per-stream count+crc" in out and "rx_over_rx_py" in out
