@@ -447,7 +447,7 @@ def target_status(sess, rows, targets):
               ("fwd_col_lines_per_s", "fwd_col", "lines_per_s", ">="),
               ("sup_fairness", "sup", "fairness", "<="),
               ("sup_peak_rss_mb", "sup", "peak_rss_mb", "<"),
-              ("sup_kib_per_stream", "sup500", "kib_per_stream", "<")]
+              ("sup_kib_per_stream", "sup", "kib_per_stream", "<")]
     for name in sess.workloads:
         for key, row, metric, op in checks:
             if key not in targets or (row in SERVICE_ROWS + DESIGN_ROWS

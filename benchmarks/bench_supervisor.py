@@ -506,6 +506,8 @@ def parking_supervisor():
             if self._retry_handle is not None:
                 self._retry_handle.cancel()
                 self._retry_handle = None
+            if getattr(self, "_held", False):
+                return
             while self._backlog:
                 copier = self._backlog[0]
                 copier.stream.send(self.socket, block=False)
