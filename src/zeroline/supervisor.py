@@ -17,6 +17,7 @@ Backpressure follows Docker's modes (docs/docker-logging.md §3):
 """
 
 import asyncio
+import collections
 import os
 import sys
 import time
@@ -62,6 +63,17 @@ class Copier:
             self.reading = False
 
     def _on_readable(self):
+        sup = self.supervisor
+        if self.blocking and sup._backlog:
+            # The socket is refusing messages: stop reading (the writer blocks on its full pipe)
+            # and wait in line; the supervisor reads parked copiers in arrival order once the
+            # backlog is sent, so no stream is served before one that waited longer.
+            self._stop()
+            sup._parked.append(self)
+            return
+        self._read()
+
+    def _read(self):
         try:
             data = os.read(self.fd, READ_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -115,6 +127,7 @@ class Supervisor:
         self.loop = loop
         self.copiers = []
         self._backlog = []          # copiers with messages the socket refused, in arrival order
+        self._parked = collections.deque()   # blocking copiers that wait to read, in arrival order
         self._retry_handle = None
         self._zmq_fd = socket.getsockopt(zmq.FD)
         self._watching_fd = False
@@ -135,7 +148,9 @@ class Supervisor:
         self._open += 1
         if self._all_done.done():
             self._all_done = self.loop.create_future()
-        if not (blocking and self._backlog):
+        if blocking and self._backlog:
+            self._parked.append(copier)
+        else:
             copier._start()
         return copier
 
@@ -193,11 +208,10 @@ class Supervisor:
             copier._stop()
 
     def _block(self):
-        # The socket refused a message: blocking copiers stop reading until the backlog is sent.
+        # The socket refused a message. Nothing else changes here: every blocking copier parks
+        # itself when it next becomes readable (O(1) per refusal; stopping and restarting all
+        # readers on every refusal cost O(streams) and always served the first streams first).
         self.blocked_total += 1
-        for copier in self.copiers:
-            if copier.blocking:
-                copier._stop()
         if not self._watching_fd:
             self.loop.add_reader(self._zmq_fd, self._on_zmq_fd)
             self._watching_fd = True
@@ -229,11 +243,18 @@ class Supervisor:
                 self._schedule_retry()
                 return
             self._backlog.pop(0)
+            if copier.blocking and not copier.eof:
+                self._parked.append(copier)     # sent: it queues behind those already waiting
         if self._watching_fd:
             self.loop.remove_reader(self._zmq_fd)
             self._watching_fd = False
-        for copier in self.copiers:
+        # Serve the parked copiers in order until the socket refuses again.
+        while self._parked and not self._backlog:
+            copier = self._parked.popleft()
+            if copier.eof:
+                continue
             copier._start()
+            copier._read()      # it was readable when it parked (a spurious read is harmless)
         self._check_done()
 
     # -- counters -------------------------------------------------------------------------------
