@@ -242,6 +242,19 @@ class _EmbeddedCollector:
         return paths
 
 
+def _endpoint_and_container(args, opts):
+    """Starts the embedded collector when no zmq-address was given; the container is this
+    process (forward) or CMD (run): its id and name from the flags, its env from ours."""
+    embedded = None
+    if opts.address is None:
+        embedded = _EmbeddedCollector(args.out, opts.socket)
+        opts = dataclasses.replace(opts, address=embedded.endpoint)
+    container_id = args.container_id if args.container_id is not None else _socket.gethostname()
+    info = ContainerInfo(container_id=container_id, container_name=args.container_name,
+                         env=tuple("%s=%s" % kv for kv in os.environ.items()))
+    return opts, embedded, info
+
+
 def _install_signals():
     state = {"count": 0}
 
@@ -285,16 +298,9 @@ def _drain(stream, sock, timeout_s):
 
 
 def cmd_forward(args):
-    raw = _parse_log_opts(args.log_opt)
-    opts = validate_log_opts(raw, require_address=False)
+    opts = validate_log_opts(_parse_log_opts(args.log_opt), require_address=False)
     fd, own_fd = _open_input(args.input)
-    embedded = None
-    if opts.address is None:
-        embedded = _EmbeddedCollector(args.out, opts.socket)
-        opts = dataclasses.replace(opts, address=embedded.endpoint)
-    container_id = args.container_id if args.container_id is not None else _socket.gethostname()
-    info = ContainerInfo(container_id=container_id, container_name=args.container_name,
-                         env=tuple("%s=%s" % kv for kv in os.environ.items()))
+    opts, embedded, info = _endpoint_and_container(args, opts)
     from .output import Sink
 
     sink = Sink(opts)
@@ -422,15 +428,8 @@ def cmd_run(args):
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise ConfigError("run needs a command: zeroline run [OPTIONS] -- CMD [ARGS...]")
-    raw = _parse_log_opts(args.log_opt)
-    opts = validate_log_opts(raw, require_address=False)
-    embedded = None
-    if opts.address is None:
-        embedded = _EmbeddedCollector(args.out, opts.socket)
-        opts = dataclasses.replace(opts, address=embedded.endpoint)
-    container_id = args.container_id if args.container_id is not None else _socket.gethostname()
-    info = ContainerInfo(container_id=container_id, container_name=args.container_name,
-                         env=tuple("%s=%s" % kv for kv in os.environ.items()))
+    opts = validate_log_opts(_parse_log_opts(args.log_opt), require_address=False)
+    opts, embedded, info = _endpoint_and_container(args, opts)
     from .output import Sink
 
     sink = Sink(opts)
