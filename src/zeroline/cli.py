@@ -5,6 +5,7 @@ line and status 1; never a traceback.
 """
 
 import argparse
+import atexit
 import dataclasses
 import os
 import select
@@ -218,6 +219,8 @@ class _EmbeddedCollector:
         from .collector import Collector
 
         self.tmp = tempfile.mkdtemp(prefix="zeroline-")
+        # Also gone when an error ends the command before finish().
+        atexit.register(shutil.rmtree, self.tmp, True)
         self.endpoint = "ipc://" + os.path.join(self.tmp, "collector.ipc")
         self.collector = Collector(out_dir=out_dir)
         self.collector.bind(self.endpoint, "sub" if kind == "pub" else "pull")
