@@ -17,6 +17,15 @@ and, on W1 only (benchmarks/bench_supervisor.py):
   design rows, full runs only (or --rows): worker-thread prototype K=2/4 (sup_t2, sup_t4),
            400 idle streams more (sup500*), a parking-supervisor prototype (sup_park*), the old
            ZMQ_FD handler (sup_fdspin); see docs/design.md
+and, on W1 only, the Docker logging plugin (benchmarks/bench_plugin.py; skipped with a note
+without grpc_tools/protobuf, which encode the LogEntry frames once per run):
+  plug     100 FIFOs (opened read-write by a writer, as dockerd) → Supervisor with one compiled
+           EntryStream per FIFO → receiver process checking count + CRC per stream; entries/s
+  plug_py  the same with the pure-Python EntryStream twin (fewer entries)
+  dec      compiled EntryStream.feed on 64 KiB buffers + clear(), in memory: LogEntry decoding
+  dec_py   the same with the twin
+  dec_pb   the protobuf package: length prefix + LogEntry.FromString + seed payload per entry
+  design row, full runs only (or --rows): plug_1w, plug with one write() per entry (dockerd's way)
 then prints a table and the ratios, appends JSON lines to benchmarks/results/results.jsonl and,
 with ``--check``, exits 1 when a ratio of benchmarks/gates.toml is under its floor or a check of
 messages and bytes failed.
@@ -47,13 +56,19 @@ GATES = os.path.join(HERE, "gates.toml")
 
 # Rows of issue 3 (bench_supervisor.py), measured on W1 only: fixed 100-byte lines.
 SERVICE_ROWS = ("sup", "fwd_col", "rx", "rx_py")
-DESIGN_ROWS = ("sup_t2", "sup_t4", "sup500", "sup500_t2", "sup500_t4", "sup_park", "sup500_park",
-               "sup_fdspin")
+SUP_DESIGN_ROWS = ("sup_t2", "sup_t4", "sup500", "sup500_t2", "sup500_t4", "sup_park",
+                   "sup500_park", "sup_fdspin")
 SERVICE_WORKLOAD = "W1"
-ROWS = ("a", "b", "b_cli", "c", "d", "e", "f") + SERVICE_ROWS + DESIGN_ROWS
+SUP_ROWS = ("sup",) + SUP_DESIGN_ROWS
+# Rows of issue 4 (bench_plugin.py), W1 only; they need grpc_tools + protobuf (else skipped).
+PLUGIN_ROWS = ("plug", "plug_py", "dec", "dec_py", "dec_pb")
+PLUGIN_DESIGN_ROWS = ("plug_1w",)
+DESIGN_ROWS = SUP_DESIGN_ROWS + PLUGIN_DESIGN_ROWS
+#: Rows measured on SERVICE_WORKLOAD only.
+W1_ROWS = SERVICE_ROWS + DESIGN_ROWS + PLUGIN_ROWS
+ROWS = ("a", "b", "b_cli", "c", "d", "e", "f") + SERVICE_ROWS + PLUGIN_ROWS + DESIGN_ROWS
 #: --quick leaves the design rows out (they are for docs/design.md, not for the gate).
 QUICK_ROWS = tuple(r for r in ROWS if r not in DESIGN_ROWS)
-SUP_ROWS = ("sup",) + DESIGN_ROWS
 ROW_INFO = {
     # row: (impl, what)
     "a": ("cython", "cut+frame in memory"),
@@ -75,6 +90,12 @@ ROW_INFO = {
     "sup_park": ("parking-loop", "100 streams → parking loop"),
     "sup500_park": ("parking-loop", "100 + 400 idle → parking loop"),
     "sup_fdspin": ("supervisor", "100 streams, retry per ZMQ_FD"),
+    "plug": ("cython", "100 FIFOs → EntryStream → PUSH"),
+    "plug_py": ("python", "100 FIFOs → twin EntryStream"),
+    "plug_1w": ("cython", "plug, 1 write() per entry"),
+    "dec": ("cython", "LogEntry decode+frame, memory"),
+    "dec_py": ("python", "LogEntry decode, twin"),
+    "dec_pb": ("protobuf", "FromString + seed payload"),
 }
 # Ratio = median over rounds of the per-round ratio (rows of one round ran back to back);
 # the gated ones and their floors are in gates.toml [ratios].
@@ -89,6 +110,11 @@ RATIOS = {
     "sup_over_b_cli": ("sup", "b_cli"),
     "fwd_col_over_b": ("fwd_col", "b"),
     "rx_over_rx_py": ("rx", "rx_py"),
+    "plug_over_b": ("plug", "b"),
+    "plug_over_sup": ("plug", "sup"),
+    "plug_over_plug_py": ("plug", "plug_py"),
+    "dec_over_dec_pb": ("dec", "dec_pb"),
+    "dec_over_dec_py": ("dec", "dec_py"),
 }
 
 # Per-round numbers kept in results.jsonl next to the medians.
@@ -104,10 +130,15 @@ MODES = {
     # a and e repeat passes over the input until their timed loop lasts min_time_s.
     # stream_lines: lines per chatty stream of the sup rows (100 streams); rx_lines: messages
     # queued for row rx (~470 bytes each in the receiver while queued, hence the cap).
+    # Plugin rows: plug and plug_1w take stream_lines entries per FIFO, plug_py
+    # plug_py_stream_lines; dec and dec_pb decode the frames of dec_lines lines per pass, dec_py
+    # those of slow_lines (each repeated until min_time_s).
     "full": {"lines": {"W1": 3_000_000, "W2": 2_000_000}, "slow_lines": 400_000,
-             "min_time_s": 0.5, "stream_lines": 10_000, "rx_lines": 400_000},
+             "min_time_s": 0.5, "stream_lines": 10_000, "rx_lines": 400_000,
+             "plug_py_stream_lines": 5_000, "dec_lines": 400_000},
     "quick": {"lines": {"W1": 400_000, "W2": 400_000}, "slow_lines": 60_000,
-              "min_time_s": 0.25, "stream_lines": 6_000, "rx_lines": 400_000},
+              "min_time_s": 0.25, "stream_lines": 6_000, "rx_lines": 400_000,
+              "plug_py_stream_lines": 2_000, "dec_lines": 200_000},
 }
 
 
@@ -128,7 +159,8 @@ def parse_args(argv):
     p.add_argument("--lines", type=int, help="lines per workload (overrides the mode)")
     p.add_argument("--slow-lines", type=int, help="lines for rows c and d (overrides the mode)")
     p.add_argument("--stream-lines", type=int,
-                   help="lines per chatty stream of the sup rows (overrides the mode)")
+                   help="lines per chatty stream of the sup rows, entries per FIFO of the plug "
+                   "rows (overrides the mode; plug_py takes at most its own, smaller count)")
     p.add_argument("--seed", type=int, default=1, help="input seed (default 1)")
     p.add_argument("--cli-stdin", choices=("file", "pipe"), default="file",
                    help="how the CLI gets its input: '< file' (default) or a pipe")
@@ -236,6 +268,8 @@ class Session:
         self.min_time_s = conf["min_time_s"]
         self.stream_lines = args.stream_lines or conf["stream_lines"]
         self.rx_lines = conf["rx_lines"]
+        self.plug_py_stream_lines = min(conf["plug_py_stream_lines"], self.stream_lines)
+        self.dec_lines = conf["dec_lines"]
         self.workloads = {}
         for name in args.workloads:
             lines = args.lines or conf["lines"][name]
@@ -276,6 +310,20 @@ def measure_row(sess, ctx, row, wl, tools):
     def digest_for(nbytes):
         return lambda prefix: sess.digest(wl, nbytes, prefix)
 
+    if row in PLUGIN_ROWS + PLUGIN_DESIGN_ROWS:
+        from . import bench_plugin
+
+        def digest(nbytes, prefix):
+            return sess.digest(wl, nbytes, prefix)
+
+        entry_file = tools["plugin"]
+        if row in bench_plugin.DECODE_ROWS:
+            lines = wl.small_lines if row == "dec_py" else sess.dec_lines
+            return bench_plugin.measure_decode(ctx, row, wl, entry_file, lines, sess.min_time_s,
+                                               digest)
+        lines = sess.plug_py_stream_lines if row == "plug_py" else sess.stream_lines
+        return bench_plugin.measure_plugin(ctx, row, wl, entry_file, sess.endpoint(row),
+                                           sess.tmp, lines, digest)
     if row in SUP_ROWS:
         lines = min(sess.stream_lines, wl.lines)
         return bench_supervisor.measure_supervisor(
@@ -364,6 +412,25 @@ def run(args):
                 sess.notes["cli"] = "%s (%s)" % (tools["b_cli"], bench_e2e.cli_version(
                     tools["b_cli"]) or "version unknown")
                 print("  CLI: " + sess.notes["cli"], flush=True)
+        plugin_rows = [r for r in args.rows if r in PLUGIN_ROWS + PLUGIN_DESIGN_ROWS]
+        if plugin_rows and SERVICE_WORKLOAD in sess.workloads:
+            from . import bench_plugin
+
+            # Encoded once, before any timing: the frames of the first lines every row needs.
+            wl = sess.workloads[SERVICE_WORKLOAD]
+            t = time.monotonic()
+            need = max(sess.stream_lines, sess.dec_lines, wl.small_lines)
+            tools["plugin"], why = bench_plugin.prepare(tmp, wl, need)
+            if why:
+                for row in plugin_rows:
+                    sess.skipped[row] = why
+                print("  plugin rows skipped: " + why, flush=True)
+            else:
+                ef = tools["plugin"]
+                sess.notes["plugin_entries"] = "%s; %s entries of %s, %.1f MB" % (
+                    ef.note, format(ef.entries[-1], ","), SERVICE_WORKLOAD, ef.ends[-1] / 1e6)
+                print("  encoded %s (%.1f s)" % (sess.notes["plugin_entries"],
+                                                 time.monotonic() - t), flush=True)
         rows = [r for r in args.rows if r not in sess.skipped]
         ctx = make_context()
         for rnd in range(args.reps):
@@ -372,7 +439,7 @@ def run(args):
             order = rows if rnd % 2 == 0 else rows[::-1]
             for name, wl in sess.workloads.items():
                 for row in order:
-                    if row in SERVICE_ROWS + DESIGN_ROWS and name != SERVICE_WORKLOAD:
+                    if row in W1_ROWS and name != SERVICE_WORKLOAD:
                         continue
                     t = time.monotonic()
                     res = finish(measure_row(sess, ctx, row, wl, tools))
@@ -447,11 +514,11 @@ def target_status(sess, rows, targets):
               ("fwd_col_lines_per_s", "fwd_col", "lines_per_s", ">="),
               ("sup_fairness", "sup", "fairness", "<="),
               ("sup_peak_rss_mb", "sup", "peak_rss_mb", "<"),
-              ("sup_kib_per_stream", "sup", "kib_per_stream", "<")]
+              ("sup_kib_per_stream", "sup", "kib_per_stream", "<"),
+              ("plug_entries_per_s", "plug", "lines_per_s", ">=")]
     for name in sess.workloads:
         for key, row, metric, op in checks:
-            if key not in targets or (row in SERVICE_ROWS + DESIGN_ROWS
-                                       and name != SERVICE_WORKLOAD):
+            if key not in targets or (row in W1_ROWS and name != SERVICE_WORKLOAD):
                 continue
             value = rows.get((name, row), {}).get(metric)
             goal = float(targets[key])
@@ -476,7 +543,7 @@ def report(sess, summary, targets):
         for row in ROWS:
             impl, what = ROW_INFO[row]
             if row in sess.skipped:
-                if row not in SERVICE_ROWS + DESIGN_ROWS or name == SERVICE_WORKLOAD:
+                if row not in W1_ROWS or name == SERVICE_WORKLOAD:
                     print("%-11s %-12s %-30s skipped: %s" % (row, impl, what, sess.skipped[row]))
                 continue
             s = rows.get((name, row))
@@ -497,6 +564,7 @@ def report(sess, summary, targets):
                               fmt(s["cpu_recv_s_per_mline"], "%.2f"),
                               fmt(s["peak_rss_mb"]), check))
         sup_table(sess, rows, name)
+        plugin_table(sess, rows, name)
         print("ratios (median of per-round pairs):")
         for ratio in RATIOS:
             r = ratios.get((name, ratio))
@@ -527,7 +595,34 @@ def report(sess, summary, targets):
           "(writer process apart), timed go → last message; fwd_col: both CLI processes\n  incl. "
           "start-up, timed at the file, first line → last; rx*: receiver only, on a queue filled "
           "first.\nRSS MB: sender peak (VmHWM); sup*: the supervisor process; fwd_col: zeroline "
-          "forward.")
+          "forward.\n"
+          "plug*, dec*: lines = LogEntry entries (one per W1 line); MB/s counts frame bytes; "
+          "plug*: CPU s/M and RSS of the plugin\n  process (writer process apart), timed go → "
+          "last message; dec*: CPU of the timed decode loop only.")
+    if sess.notes.get("plugin_entries"):
+        print("plugin entries: " + sess.notes["plugin_entries"])
+
+
+def plugin_table(sess, rows, name):
+    """The plug rows' own numbers (medians): how the writer wrote, its CPU, fairness, memory."""
+    have = [r for r in PLUGIN_ROWS + PLUGIN_DESIGN_ROWS
+            if r.startswith("plug") and (name, r) in rows]
+    if not have:
+        return
+    print("plugin rows: 100 FIFOs; writes = the writer's write() size (blocks: 64 KiB of frames, "
+          "entry: one frame);\n  writer CPU = the writer process (apart from CPU s/M); fairness, "
+          "KiB/stream and blocked as the supervisor rows")
+    fmt_ = "  %-11s %8s %-10s %9s %8s %10s %8s %10s"
+    print(fmt_ % ("row", "streams", "writes", "entries/s", "fairness", "KiB/stream", "blocked",
+                  "writer CPU"))
+    for row in have:
+        s = rows[(name, row)]
+        first = sess.results[(name, row)][0]
+        print(fmt_ % (row, fmt(first.get("streams"), "%d"),
+                      (first.get("mode") or "-").split(", ")[-1].replace(" writes", ""),
+                      fmt_rate(s.get("lines_per_s")), fmt(s.get("fairness"), "%.2f"),
+                      fmt(s.get("kib_per_stream"), "%.2f"), fmt(s.get("blocked"), "%d"),
+                      fmt(s.get("cpu_writer_s"), "%.2f s")))
 
 
 def sup_table(sess, rows, name):

@@ -327,3 +327,157 @@ def test_service_rows_run_from_the_command_line(capsys):
     # Tiny timings are too noisy for floors (not --check): every check must pass, though.
     assert status == 0 and "FAIL" not in out and "ERROR" not in out, out[-3000:]
     assert "per-stream count+crc" in out and "rx_over_rx_py" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 4 rows (benchmarks/bench_plugin.py): LogEntry frames from the protobuf package
+
+from benchmarks import bench_plugin  # noqa: E402
+
+
+@pytest.fixture
+def entry_file(tmp):
+    """Frames of a small W2 sample (with lines cut into 16 KiB partial chunks), encoded as a run
+    encodes them; skipped without grpc_tools/protobuf, as the rows are."""
+    pytest.importorskip("grpc_tools.protoc")
+    pytest.importorskip("google.protobuf")
+    wl = workloads.generate("W2", 4000, os.path.join(tmp, "w2"), seed=1)
+    assert wl.long_lines >= 1
+    ef, why = bench_plugin.prepare(tmp, wl, 3000)
+    assert why is None and ef.lines == 3000
+    return wl, ef
+
+
+def _entry_impls():
+    return [i for i in IMPLS if i in ("cython", "python")]
+
+
+@pytest.mark.parametrize("impl", _entry_impls())
+def test_entry_frames_decode_to_the_text_digest(entry_file, impl):
+    wl, ef = entry_file
+    data = open(ef.path, "rb").read()
+    assert len(data) == ef.nbytes(ef.lines) and ef.ends == sorted(ef.ends)
+    lines = 2000
+    messages, crc = workloads.expected_digest(wl.path, bench_plugin.prefix_bytes(wl.path, lines),
+                                              PREFIX)
+    assert ef.entries[lines] == messages > lines        # long lines became several entries
+    stream = bench_plugin._entry_stream_class(impl)(container_id=bench_core.CONTAINER_ID)
+    got = []
+    view = data[:ef.nbytes(lines)]
+    for i in range(0, len(view), 65536):
+        stream.feed(view[i:i + 65536])
+        got += stream.take()
+    stream.close()
+    assert stream.errors_total == 0 and stream.partial_entries_total > 0
+    assert _payload_digest(got) == (messages, crc)
+
+
+@pytest.mark.parametrize("impl", ["cython", "python", "protobuf"])
+def test_decode_rows_check_every_payload(entry_file, impl):
+    if impl == "cython" and "cython" not in IMPLS:
+        pytest.skip("compiled core not built")
+    wl, ef = entry_file
+    lines = 1500
+    res = bench_plugin._decode(impl, ef.path, ef.nbytes(lines), min_time_s=0.0, max_passes=3,
+                               pb_dir=ef.pb_dir, chunk_bytes=4096)
+    messages, crc = workloads.expected_digest(wl.path, bench_plugin.prefix_bytes(wl.path, lines),
+                                              PREFIX)
+    assert (res["check_messages"], res["check_crc"], res["check_errors"]) == (messages, crc, 0)
+    assert res["passes"] == 1 and res["decoded"] == messages and res["wall_s"] > 0
+
+
+@pytest.mark.parametrize("write_mode", ["blocks", "entry"])
+def test_plugin_row_checks_every_stream(tmp, entry_file, write_mode):
+    # In-process: the receiver in a thread, the plugin side here (it forks its FIFO writer).
+    wl, ef = entry_file
+    n, lines = 6, 400
+    want = {bench_supervisor.stream_key(i): workloads.expected_digest(
+        wl.path, bench_plugin.prefix_bytes(wl.path, lines), bench_supervisor.stream_prefix(i))
+        for i in range(n)}
+    expected = {k: m for k, (m, _) in want.items()}
+    per_stream, nbytes = ef.entries[lines], ef.nbytes(lines)
+    endpoint = "ipc://%s/plug.ipc" % tmp
+    fifo_dir = os.path.join(tmp, "fifos")
+    ready, done = threading.Event(), threading.Event()
+    box = {}
+
+    def receive():
+        box["r"] = bench_supervisor._demux_receiver(endpoint, expected, list(expected), ready,
+                                                    done, deadline_s=30.0, impl=IMPLS[0])
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10.0)
+        sres = bench_plugin._plug_sender(IMPLS[0], write_mode, endpoint, fifo_dir, n, ef.path,
+                                         nbytes, deadline_s=30.0)
+    finally:
+        done.set()
+        thread.join(35.0)
+    assert not thread.is_alive()
+    assert not os.path.exists(fifo_dir)                 # FIFOs and their directory removed
+    res = bench_plugin.check_plugin(sres, box["r"], want, per_stream, nbytes, IMPLS[0],
+                                    write_mode)
+    assert "error" not in res, res.get("error")
+    assert res["verified"] == "per-stream count+crc" and res["messages"] == n * per_stream
+    assert res["writer_status"] == 0 and res["nbytes"] == n * nbytes
+    # A bad entry or a lost message fails the row.
+    bad = bench_plugin.check_plugin(dict(sres, entry_errors=1), box["r"], want, per_stream,
+                                    nbytes, IMPLS[0], write_mode)
+    assert bad["verified"] == "FAIL" and "malformed" in bad["error"]
+    box["r"]["counts"][bench_supervisor.stream_key(2)] -= 1
+    bad = bench_plugin.check_plugin(sres, box["r"], want, per_stream, nbytes, IMPLS[0],
+                                    write_mode)
+    assert bad["verified"] == "FAIL" and "stream 002" in bad["error"]
+
+
+def test_plugin_rows_in_quick_runs_and_gates():
+    quick = bench_main.parse_args(["--quick"])
+    full = bench_main.parse_args([])
+    assert set(bench_main.PLUGIN_ROWS) <= set(quick.rows) and "plug_1w" not in quick.rows
+    assert "plug_1w" in full.rows
+    floors, _, targets = bench_main.load_gates()
+    assert floors["dec_over_dec_pb"] == 10.0 and 0 < floors["plug_over_b"] <= 1.0
+    assert targets["plug_entries_per_s"] == 0.8e6
+
+
+@pytest.mark.parametrize("plug_rate, dec_pb_rate, fails", [(9e5, 1e6, False), (3e5, 1e6, True),
+                                                           (9e5, 3e6, True)])
+def test_plugin_gates(plug_rate, dec_pb_rate, fails, capsys):
+    floors, per_workload, targets = bench_main.load_gates()
+    sess = _fake_session({"b": [1e6] * 3, "plug": [plug_rate] * 3, "dec": [2e7] * 3,
+                          "dec_pb": [dec_pb_rate] * 3})
+    summary = bench_main.summarize(sess, floors, per_workload, targets)
+    assert summary["targets"][("W1", "plug_entries_per_s")]["ok"] is (plug_rate >= 8e5)
+    args = types.SimpleNamespace(check=True, quick=True)
+    assert bench_main.verdict(sess, summary, targets, args) == (1 if fails else 0)
+
+
+def test_plugin_rows_are_skipped_without_protobuf(monkeypatch, capsys):
+    if "cython" not in IMPLS:
+        pytest.skip("the harness needs the compiled core")
+    monkeypatch.setattr(bench_plugin, "compile_proto",
+                        lambda out_dir: (None, "grpc_tools not installed (test)"))
+    status = bench_main.main(["--quick", "--check", "--reps", "1", "--rows", "plug,dec,dec_pb",
+                              "--workloads", "W1", "--lines", "2000", "--no-save"])
+    out = capsys.readouterr().out
+    assert status == 0, out[-2000:]
+    skipped = [line.split()[0] for line in out.splitlines()
+               if line.endswith("skipped: grpc_tools not installed (test)")]
+    assert skipped == ["plugin", "plug", "dec", "dec_pb"]    # the note, then each row
+
+
+def test_plugin_rows_run_from_the_command_line(capsys):
+    if "cython" not in IMPLS:
+        pytest.skip("the rows' receivers use the compiled core")
+    pytest.importorskip("grpc_tools.protoc")
+    pytest.importorskip("google.protobuf")
+    status = bench_main.main(["--quick", "--reps", "1", "--rows",
+                              "b,plug,plug_py,plug_1w,dec,dec_py,dec_pb", "--workloads", "W1",
+                              "--lines", "20000", "--slow-lines", "4000", "--stream-lines", "300",
+                              "--no-save"])
+    out = capsys.readouterr().out
+    # Tiny timings are too noisy for floors (not --check): every check must pass, though.
+    assert status == 0 and "FAIL" not in out and "ERROR" not in out, out[-3000:]
+    assert out.count("per-stream count+crc") == 3 and "dec_over_dec_pb" in out
+    assert "plug_over_b" in out and "plug_entries_per_s" in out
