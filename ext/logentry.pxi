@@ -18,6 +18,9 @@ ctypedef struct zl_entry:
     int32_t ordinal
 
 cdef enum:
+    CARRY_KEEP_BYTES = 32 * 1024    # a copier entry is at most ~16.5 KB: keep room for one
+
+cdef enum:
     ENTRY_OK = 0
     ENTRY_BAD_VARINT = 1
     ENTRY_BAD_LENGTH = 2
@@ -292,27 +295,55 @@ cdef class EntryStream(Stream):
 
     cdef Py_ssize_t feed_raw(self, const char *data, size_t size, int64_t time_nano) except -1 nogil:
         cdef uint64_t before = self._fr.messages_total
-        cdef size_t used = 0
+        cdef size_t used = 0, held, take, frame_len
         cdef zl_buffer *carry = &self._carry
         self.entry_bytes_total += size
         if self.corrupt:
             self.discarded_bytes_total += size
             return 0
-        if carry.length > carry.head:
-            # A frame spans reads: append this read to it and decode from the carry buffer.
-            _buf_reserve(carry, size)
-            memcpy(carry.data + carry.length, data, size)
-            carry.length += size
-            self._take_frames(carry.data + carry.head, carry.length - carry.head, &used)
-            carry.head += used
-            if self.corrupt or carry.head == carry.length:
-                _buf_reset(carry)
-        else:
-            self._take_frames(data, size, &used)
-            if not self.corrupt and used < size:
-                _buf_reserve(carry, size - used)
-                memcpy(carry.data + carry.length, data + used, size - used)
-                carry.length += size - used
+        held = carry.length - carry.head
+        if held:
+            # A frame spans reads: complete it with only the bytes it lacks, decode it, then go
+            # on in place (copying whole reads into the carry cost 5-20% of decode speed and
+            # kept 128 KiB per busy stream).
+            if held < 4:
+                take = 4 - held if size > 4 - held else size
+                _buf_reserve(carry, take)
+                memcpy(carry.data + carry.length, data, take)
+                carry.length += take
+                data += take
+                size -= take
+                held += take
+                if held < 4:
+                    return 0
+            frame_len = _get_be32(carry.data + carry.head)
+            if frame_len <= self._max_entry:
+                take = 4 + frame_len - held
+                if take > size:
+                    take = size
+                _buf_reserve(carry, take)
+                memcpy(carry.data + carry.length, data, take)
+                carry.length += take
+                data += take
+                size -= take
+                held += take
+                if held < 4 + frame_len:
+                    return 0
+            # Decodes the one carried frame, or finds its length over the limit.
+            self._take_frames(carry.data + carry.head, held, &used)
+            _buf_reset(carry)
+            if carry.capacity > CARRY_KEEP_BYTES:
+                free(carry.data)
+                carry.data = NULL
+                carry.capacity = 0
+            if self.corrupt:
+                self.discarded_bytes_total += size
+                return <Py_ssize_t>(self._fr.messages_total - before)
+        self._take_frames(data, size, &used)
+        if not self.corrupt and used < size:
+            _buf_reserve(carry, size - used)
+            memcpy(carry.data + carry.length, data + used, size - used)
+            carry.length += size - used
         return <Py_ssize_t>(self._fr.messages_total - before)
 
     cdef Py_ssize_t close_raw(self, int64_t time_nano) except -1 nogil:
