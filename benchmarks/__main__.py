@@ -15,7 +15,7 @@ and, on W1 only (benchmarks/bench_supervisor.py):
   rx       collector receive path alone: compiled Receiver.recv + take_payloads (queue pre-filled)
   rx_py    the same with a Python recv_multipart loop
   design rows, full runs only (or --rows): worker-thread prototype K=2/4 (sup_t2, sup_t4),
-           400 idle streams more (sup500*), a parking-supervisor prototype (sup_park*), the old
+           400 idle streams more (sup500*), the old
            ZMQ_FD handler (sup_fdspin); see docs/design.md
 and, on W1 only, the Docker logging plugin (benchmarks/bench_plugin.py; skipped with a note
 without grpc_tools/protobuf, which encode the LogEntry frames once per run):
@@ -56,8 +56,7 @@ GATES = os.path.join(HERE, "gates.toml")
 
 # Rows of issue 3 (bench_supervisor.py), measured on W1 only: fixed 100-byte lines.
 SERVICE_ROWS = ("sup", "fwd_col", "rx", "rx_py")
-SUP_DESIGN_ROWS = ("sup_t2", "sup_t4", "sup500", "sup500_t2", "sup500_t4", "sup_park",
-                   "sup500_park", "sup_fdspin")
+SUP_DESIGN_ROWS = ("sup_t2", "sup_t4", "sup500", "sup500_t2", "sup500_t4", "sup_fdspin")
 SERVICE_WORKLOAD = "W1"
 SUP_ROWS = ("sup",) + SUP_DESIGN_ROWS
 # Rows of issue 4 (bench_plugin.py), W1 only; they need grpc_tools + protobuf (else skipped).
@@ -87,8 +86,6 @@ ROW_INFO = {
     "sup500": ("supervisor", "100 + 400 idle → Supervisor"),
     "sup500_t2": ("threads-2", "100 + 400 idle → 2 threads"),
     "sup500_t4": ("threads-4", "100 + 400 idle → 4 threads"),
-    "sup_park": ("parking-loop", "100 streams → parking loop"),
-    "sup500_park": ("parking-loop", "100 + 400 idle → parking loop"),
     "sup_fdspin": ("supervisor", "100 streams, retry per ZMQ_FD"),
     "plug": ("cython", "100 FIFOs → EntryStream → PUSH"),
     "plug_py": ("python", "100 FIFOs → twin EntryStream"),

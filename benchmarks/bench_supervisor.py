@@ -8,8 +8,6 @@ Rows, on workload W1 only (100-byte lines, as the issue's targets):
               receiver process (compiled Receiver, RCVHWM 0) checking count and CRC-32 per stream
   sup_t2/_t4  prototype: the same streams on K worker threads, each with epoll over its share of
               the fds, its own Streams and its own PUSH socket: read → feed → send(block=True)
-  sup_park    prototype: the Supervisor with O(1) work per socket refusal and round-robin service
-              (:func:`parking_supervisor`), to tell the design apart from its implementation
   sup500*     the same three with 400 idle streams more (one line each, written at the end)
   sup_fdspin  the Supervisor with its old ZMQ_FD handler (retry on every wake-up)
   fwd_col     ``zeroline forward < file`` → ipc → ``zeroline collect --out DIR --count N`` →
@@ -81,8 +79,6 @@ SUP_ROWS = {
     "sup500_t2": ("threads", 2, IDLE_STREAMS, None),
     "sup500_t4": ("threads", 4, IDLE_STREAMS, None),
     "sup_fdspin": ("loop", 0, 0, "every"),
-    "sup_park": ("park", 0, 0, "events"),
-    "sup500_park": ("park", 0, IDLE_STREAMS, "events"),
 }
 
 
@@ -372,11 +368,10 @@ def _sup_sender(mode, threads, endpoint, n_chatty, n_idle, path, nbytes, deadlin
             return [core.Stream("stdout", framing="seed", tenant=TENANT, service=SERVICE,
                                 container_id=stream_id(i)) for i in range(len(rfds))]
 
-        if mode in ("loop", "park"):
+        if mode == "loop":
             sockets.append(zctx.socket(zmq.PUSH))      # default options
             sockets[0].connect(endpoint)
-            res = _run_loop(sockets[0], rfds, make_streams, go_fd, deadline, zmq_fd,
-                            parking=mode == "park")
+            res = _run_loop(sockets[0], rfds, make_streams, go_fd, deadline, zmq_fd)
         else:
             res = _run_threads(zctx, endpoint, threads, rfds, make_streams, go_fd, deadline,
                                sockets)
@@ -401,7 +396,7 @@ def _sup_sender(mode, threads, endpoint, n_chatty, n_idle, path, nbytes, deadlin
         res["cpu_writer_s"] = cpu
 
 
-def _run_loop(sock, rfds, make_streams, go_fd, deadline, zmq_fd, parking=False):
+def _run_loop(sock, rfds, make_streams, go_fd, deadline, zmq_fd):
     import asyncio
 
     import uvloop
@@ -411,8 +406,7 @@ def _run_loop(sock, rfds, make_streams, go_fd, deadline, zmq_fd, parking=False):
     wakeups = [0]
 
     async def main():
-        kind = parking_supervisor() if parking else Supervisor
-        sup = kind(sock, asyncio.get_running_loop())
+        sup = Supervisor(sock, asyncio.get_running_loop())
         # Count ZMQ_FD wake-ups (the instance attribute is what add_reader picks up). "every" is
         # the supervisor before b028d6d: retry on each wake-up without reading ZMQ_EVENTS first.
         handler = sup._retry if zmq_fd == "every" else sup._on_zmq_fd
@@ -451,85 +445,6 @@ def _run_loop(sock, rfds, make_streams, go_fd, deadline, zmq_fd, parking=False):
         return loop.run_until_complete(main())
     finally:
         loop.close()
-
-
-def parking_supervisor():
-    """Prototype (not zeroline code): the Supervisor with O(1) work per refusal and round-robin
-    service, to tell the loop-reader design apart from how zeroline.supervisor handles a refusal.
-
-    zeroline.supervisor stops every blocking copier when the socket refuses and starts them all
-    again, in list order, once the backlog is sent: O(streams) reader changes per refusal, and the
-    first streams in the list are read first after every one. Here a refusal stops nothing; a
-    copier that becomes readable while the backlog is not empty parks itself (stops its own reader,
-    joins a FIFO), and once the backlog is sent the parked copiers are read in FIFO order, directly,
-    until the socket refuses again. A copier whose backlog was just sent joins the FIFO's end.
-    Backpressure is unchanged: while the backlog is not empty nothing is read.
-    """
-    import collections
-
-    from zeroline.supervisor import Copier, Supervisor
-
-    class ParkingCopier(Copier):
-        def _on_readable(self):
-            sup = self.supervisor
-            if self.blocking and sup._backlog:
-                self._stop()
-                sup._parked.append(self)
-                return
-            super()._on_readable()
-
-    class ParkingSupervisor(Supervisor):
-        def __init__(self, socket, loop):
-            super().__init__(socket, loop)
-            self._parked = collections.deque()
-
-        def add(self, fd, stream, name, blocking=True, **hooks):
-            copier = ParkingCopier(self, fd, stream, name, blocking, **hooks)
-            self.copiers.append(copier)
-            self._open += 1
-            if self._all_done.done():
-                self._all_done = self.loop.create_future()
-            if blocking and self._backlog:
-                self._parked.append(copier)
-            else:
-                copier._start()
-            return copier
-
-        def _block(self):
-            self.blocked_total += 1
-            if not self._watching_fd:
-                self.loop.add_reader(self._zmq_fd, self._on_zmq_fd)
-                self._watching_fd = True
-            self._schedule_retry()
-
-        def _retry(self):
-            if self._retry_handle is not None:
-                self._retry_handle.cancel()
-                self._retry_handle = None
-            if getattr(self, "_held", False):
-                return
-            while self._backlog:
-                copier = self._backlog[0]
-                copier.stream.send(self.socket, block=False)
-                if copier.stream.pending_messages:
-                    self._backlog.append(self._backlog.pop(0))
-                    self._schedule_retry()
-                    return
-                self._backlog.pop(0)
-                if copier.blocking and not copier.eof:
-                    self._parked.append(copier)
-            if self._watching_fd:
-                self.loop.remove_reader(self._zmq_fd)
-                self._watching_fd = False
-            while self._parked and not self._backlog:
-                copier = self._parked.popleft()
-                if copier.eof:
-                    continue
-                copier._start()
-                Copier._on_readable(copier)     # read now: it was readable when it parked
-            self._check_done()
-
-    return ParkingSupervisor
 
 
 def _worker(zctx, endpoint, poller, owned, deadline, sockets, slot, failed):

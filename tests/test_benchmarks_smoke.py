@@ -212,7 +212,7 @@ def test_stream_tally_names_a_starved_stream():
     assert tally.fairness() == float("inf")
 
 
-@pytest.mark.parametrize("mode, threads", [("loop", 0), ("threads", 2), ("park", 0)])
+@pytest.mark.parametrize("mode, threads", [("loop", 0), ("threads", 2)])
 def test_supervisor_row_checks_every_stream(tmp, mode, threads):
     # In-process: the receiver in a thread, the supervisor side here (it forks its writer).
     wl = workloads.generate("W1", 400, os.path.join(tmp, "w1"), seed=1)
