@@ -298,6 +298,32 @@ def prefix_of(head):
     return head[:cut + 2] if cut >= 0 else None
 
 
+def run_pair(ctx, receiver_fn, receiver_kwargs, receiver_name, sender_fn, sender_kwargs,
+             sender_name, limit_s):
+    """Start a receiver child (given ``ready``/``sender_done`` events and ``deadline_s``), then
+    the sender once the receiver is ready; wait for both, stop both whatever happens.
+
+    Returns ``(sender result, receiver result, None)``, or ``(None, None, error)`` when the
+    receiver never got ready."""
+    ready, sender_done = ctx.Event(), ctx.Event()
+    receiver = Child(ctx, receiver_fn, dict(receiver_kwargs, ready=ready, sender_done=sender_done,
+                                            deadline_s=limit_s), receiver_name)
+    sender = None
+    try:
+        if not ready.wait(CHILD_READY_S):
+            return None, None, "receiver not ready: %s" % receiver.wait(1.0).get("error", "?")
+        sender = Child(ctx, sender_fn, sender_kwargs, sender_name)
+        sres = sender.wait(limit_s)
+        sender_done.set()
+        rres = receiver.wait(limit_s)
+    finally:
+        sender_done.set()
+        if sender is not None:
+            sender.stop()
+        receiver.stop()
+    return sres, rres, None
+
+
 def measure(ctx, sender_fn, sender_kwargs, *, endpoint, lines, nbytes, expected_messages,
             digest, timing="sender"):
     """Run one sender against a fresh receiver; return the row's numbers.
@@ -311,23 +337,11 @@ def measure(ctx, sender_fn, sender_kwargs, *, endpoint, lines, nbytes, expected_
             ``"receiver"``: first to last receipt (for a sender whose loop cannot be timed).
     """
     limit_s = child_timeout_s(lines)
-    ready, sender_done = ctx.Event(), ctx.Event()
-    receiver = Child(ctx, _receiver, dict(endpoint=endpoint, expected_messages=expected_messages,
-                                          ready=ready, sender_done=sender_done,
-                                          deadline_s=limit_s), "bench-receiver")
-    sender = None
-    try:
-        if not ready.wait(CHILD_READY_S):
-            return {"error": "receiver not ready: %s" % receiver.wait(1.0).get("error", "?")}
-        sender = Child(ctx, sender_fn, sender_kwargs, "bench-sender")
-        sres = sender.wait(limit_s)
-        sender_done.set()
-        rres = receiver.wait(limit_s)
-    finally:
-        sender_done.set()
-        if sender is not None:
-            sender.stop()
-        receiver.stop()
+    sres, rres, error = run_pair(
+        ctx, _receiver, dict(endpoint=endpoint, expected_messages=expected_messages),
+        "bench-receiver", sender_fn, sender_kwargs, "bench-sender", limit_s)
+    if error:
+        return {"error": error}
     res = {"lines": lines, "nbytes": nbytes, "recv_rss_mb": rres.get("recv_rss_mb"),
            "cpu_send_s": sres.get("cpu_send_s"), "cpu_recv_s": rres.get("cpu_recv_s"),
            "peak_rss_mb": sres.get("peak_rss_mb"), "messages": rres.get("messages")}

@@ -57,7 +57,7 @@ import zlib
 
 from .bench_core import (CONTAINER_ID, PREFIX, SERVICE, TENANT, Child, child_timeout_s,
                          vmhwm_mb)
-from .bench_e2e import CHILD_READY_S, LINGER_MS
+from .bench_e2e import CHILD_READY_S, LINGER_MS, run_pair
 from .bench_supervisor import (CHATTY_STREAMS, _demux_receiver, _reap_writer, _run_loop,
                                check_supervisor, prefix_bytes, stream_id, stream_key,
                                stream_prefix)
@@ -396,29 +396,18 @@ def measure_plugin(ctx, row, wl, entry_file, endpoint, work_dir, lines_per_strea
     limit_s = child_timeout_s(entries)
     fifo_dir = tempfile.mkdtemp(prefix="fifos-%s-" % row, dir=work_dir)
     os.rmdir(fifo_dir)      # the plugin process makes it (and removes it)
-    ready, sender_done = ctx.Event(), ctx.Event()
-    receiver = Child(ctx, _demux_receiver,
-                     dict(endpoint=endpoint, expected=expected, chatty=list(expected),
-                          ready=ready, sender_done=sender_done, deadline_s=limit_s),
-                     "bench-plug-receiver")
-    sender = None
     try:
-        if not ready.wait(CHILD_READY_S):
-            return {"error": "receiver not ready: %s" % receiver.wait(1.0).get("error", "?")}
-        sender = Child(ctx, _plug_sender,
-                       dict(impl=impl, write_mode=write_mode, endpoint=endpoint,
-                            fifo_dir=fifo_dir, n_streams=n, entries_path=entry_file.path,
-                            nbytes=nbytes, deadline_s=limit_s - 15.0),
-                       "bench-plugin")
-        sres = sender.wait(limit_s)
-        sender_done.set()
-        rres = receiver.wait(limit_s)
+        sres, rres, error = run_pair(
+            ctx, _demux_receiver, dict(endpoint=endpoint, expected=expected, chatty=list(expected)),
+            "bench-plug-receiver", _plug_sender,
+            dict(impl=impl, write_mode=write_mode, endpoint=endpoint, fifo_dir=fifo_dir,
+                 n_streams=n, entries_path=entry_file.path, nbytes=nbytes,
+                 deadline_s=limit_s - 15.0),
+            "bench-plugin", limit_s)
     finally:
-        sender_done.set()
-        if sender is not None:
-            sender.stop()
-        receiver.stop()
         shutil.rmtree(fifo_dir, ignore_errors=True)
+    if error:
+        return {"error": error}
     return check_plugin(sres, rres, want, per_stream, nbytes, impl, write_mode)
 
 

@@ -49,7 +49,7 @@ from collections import Counter, defaultdict
 
 from .bench_core import (CONTAINER_ID, PREFIX, SERVICE, TENANT, Child, child_timeout_s,
                          core_module, cpu_s, vmhwm_mb)
-from .bench_e2e import CHILD_READY_S, LINGER_MS, RECV_IDLE_S, _stream_sender
+from .bench_e2e import CHILD_READY_S, LINGER_MS, RECV_IDLE_S, _stream_sender, run_pair
 
 #: Chatty streams of the sup* rows, and idle ones added by the sup500* rows.
 CHATTY_STREAMS = 100
@@ -543,28 +543,15 @@ def measure_supervisor(ctx, row, wl, endpoint, lines_per_stream, digest, impl="c
     chatty = [stream_key(i) for i in range(n_chatty)]
     lines = n_chatty * lines_per_stream + n_idle
     limit_s = child_timeout_s(lines)
-    ready, sender_done = ctx.Event(), ctx.Event()
-    receiver = Child(ctx, _demux_receiver,
-                     dict(endpoint=endpoint, expected=expected, chatty=chatty,
-                          ready=ready, sender_done=sender_done, deadline_s=limit_s, impl=impl),
-                     "bench-demux-receiver")
-    sender = None
-    try:
-        if not ready.wait(CHILD_READY_S):
-            return {"error": "receiver not ready: %s" % receiver.wait(1.0).get("error", "?")}
-        sender = Child(ctx, _sup_sender,
-                       dict(mode=mode, threads=k, endpoint=endpoint, n_chatty=n_chatty,
-                            n_idle=n_idle, path=wl.path, nbytes=nbytes,
-                            deadline_s=limit_s - 15.0, zmq_fd=zmq_fd or "events", impl=impl),
-                       "bench-supervisor")
-        sres = sender.wait(limit_s)
-        sender_done.set()
-        rres = receiver.wait(limit_s)
-    finally:
-        sender_done.set()
-        if sender is not None:
-            sender.stop()
-        receiver.stop()
+    sres, rres, error = run_pair(
+        ctx, _demux_receiver, dict(endpoint=endpoint, expected=expected, chatty=chatty, impl=impl),
+        "bench-demux-receiver", _sup_sender,
+        dict(mode=mode, threads=k, endpoint=endpoint, n_chatty=n_chatty, n_idle=n_idle,
+             path=wl.path, nbytes=nbytes, deadline_s=limit_s - 15.0, zmq_fd=zmq_fd or "events",
+             impl=impl),
+        "bench-supervisor", limit_s)
+    if error:
+        return {"error": error}
     return check_supervisor(sres, rres, want, lines, n_chatty, n_idle, lines_per_stream,
                             nbytes * n_chatty + first_bytes * n_idle, mode, k)
 
