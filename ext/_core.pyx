@@ -17,7 +17,7 @@ from libc.errno cimport errno, EAGAIN, EINTR
 import os
 
 from zeroline._core_py import (Message, Partial, DEFAULT_LINE_BUFFER, SOURCES, FRAMINGS,
-                               check_limits, check_time)
+                               BATCH_MAX_BYTES, check_limits, check_time)
 from zeroline.errors import ConfigError, ProtocolError, TransportError
 from zeroline._logentry_py import MAX_ENTRY_BYTES
 
@@ -44,6 +44,7 @@ cdef extern from "<unistd.h>" nogil:
 # The parts, in dependency order (Cython includes are textual: later parts use earlier ones).
 include "libzmq.pxi"
 include "msgpack.pxi"
+include "batch.pxi"
 include "cutter.pxi"
 include "stream.pxi"
 include "receiver.pxi"

@@ -7,6 +7,7 @@ from libc.stdlib cimport calloc
 from libc.string cimport memcmp, memset
 
 from zeroline._core_py import MALFORMED_REASONS, render_text as _py_render_text
+from zeroline._core_py import _BATCH_ERRORS, _malformed
 from zeroline.errors import ProtocolError
 
 # Indexes into Receiver._malformed, in the order of _core_py.MALFORMED_REASONS.
@@ -612,6 +613,37 @@ cdef class Receiver:
                 left -= slice_ms
             PyErr_CheckSignals()
         return got
+
+    def add_batch(self, tenant, service, body):
+        """Add the records of an acked-transport batch body as received 3-frame messages.
+
+        Same contract as zeroline._core_py.Receiver.add_batch: returns the number of records;
+        a malformed body adds nothing and raises ProtocolError with ``reason`` ``"batch"``.
+        The body is checked whole, then copied, without the GIL.
+        """
+        cdef bytes t = bytes(tenant)
+        cdef bytes s = bytes(service)
+        cdef const unsigned char[::1] view = body
+        cdef size_t n = view.shape[0]
+        cdef const unsigned char *p = &view[0] if n else NULL
+        cdef size_t records = 0, record_bytes = 0
+        cdef int rc
+        with nogil:
+            rc = _batch_check(p, n, self._max_frame_bytes, &records, &record_bytes)
+        if rc == BATCH_OK and (<size_t>len(t) > self._max_frame_bytes
+                               or <size_t>len(s) > self._max_frame_bytes):
+            rc = BATCH_BAD_DEST
+        if rc != BATCH_OK:
+            raise _malformed("batch", _BATCH_ERRORS[rc])
+        cdef const char *tp = PyBytes_AS_STRING(t)
+        cdef const char *sp = PyBytes_AS_STRING(s)
+        cdef size_t tlen = len(t), slen = len(s)
+        with nogil:
+            _batch_append(&self._batch, tp, tlen, sp, slen, p, n, records, record_bytes)
+        self._count += records
+        self.messages_total += records
+        self.bytes_total += record_bytes
+        return records
 
     def take(self):
         """Remove and return the received messages as lists of three frames."""

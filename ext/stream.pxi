@@ -319,6 +319,25 @@ cdef class Stream:
         self.clear()
         return out
 
+    def take_batch(self, max_bytes=BATCH_MAX_BYTES):
+        """Remove pending messages from the head as one acked-transport batch body.
+
+        Same contract as zeroline._core_py.Stream.take_batch: returns ``(body, records,
+        line_bytes)``. Sized first, then one bytes object is filled without the GIL.
+        """
+        check_limits(max_bytes=max_bytes)
+        cdef size_t limit = max_bytes, records, size
+        cdef int64_t line_bytes
+        with nogil:
+            _batch_measure(&self._fr, limit, &records, &size, &line_bytes)
+        if records == 0:
+            return b"", 0, 0
+        body = PyBytes_FromStringAndSize(NULL, size)
+        cdef char *out = PyBytes_AS_STRING(body)
+        with nogil:
+            _batch_fill(&self._fr, out, records, line_bytes)
+        return body, records, line_bytes
+
     def clear(self):
         """Forget the pending messages (they are not counted as sent)."""
         _buf_reset(&self._fr.pending)

@@ -35,6 +35,9 @@ Partial.__doc__ = "Partial-line metadata: 64-hex group id, ordinal from 1, last 
 Message = namedtuple("Message", "line source time_nano partial")
 Message.__doc__ = "One cut message: line bytes without the newline, source, UTC ns, Partial or None."
 
+#: The acked transport's largest batch body (docs/acked-protocol.md): ``Stream.take_batch``'s default.
+BATCH_MAX_BYTES = 262144
+
 _MASK64 = (1 << 64) - 1
 _POLL_SLICE_MS = 100
 
@@ -80,6 +83,7 @@ _LIMITS = {
     "max_line_bytes": (1, 1 << 31),
     "max_pending_bytes": (-1, 1 << 62),
     "max_frame_bytes": (0, 1 << 62),
+    "max_bytes": (0, 1 << 62),
 }
 
 
@@ -354,6 +358,40 @@ class Stream:
         self.clear()
         return out
 
+    def take_batch(self, max_bytes=BATCH_MAX_BYTES):
+        """Remove pending messages from the head of the queue as one acked-transport batch body.
+
+        The body is each payload as a 4-byte big-endian length and its bytes
+        (docs/acked-protocol.md). Messages are taken while the body stays within ``max_bytes``,
+        but always at least one when any is pending: a larger one goes alone. They leave the
+        pending queue as if sent, but ``sent_total`` is not changed: the transport counts them
+        when the collector acknowledges them.
+
+        Args:
+            max_bytes: the largest body, an int >= 0 (default :data:`BATCH_MAX_BYTES`).
+
+        Returns:
+            ``(body, records, line_bytes)``: ``(b"", 0, 0)`` when nothing is pending.
+
+        Raises:
+            ConfigError: ``max_bytes`` is not an int from 0 to 2**62.
+        """
+        check_limits(max_bytes=max_bytes)
+        pending = self._pending
+        parts = []
+        size = line_bytes = taken = 0
+        for payload, line_len in pending:
+            if taken and size + 4 + len(payload) > max_bytes:
+                break
+            parts.append(len(payload).to_bytes(4, "big"))
+            parts.append(payload)
+            size += 4 + len(payload)
+            line_bytes += line_len
+            taken += 1
+        del pending[:taken]
+        self._pending_line_bytes -= line_bytes
+        return b"".join(parts), taken, line_bytes
+
     def clear(self):
         """Forget the pending messages (they are not counted as sent)."""
         self._pending = []
@@ -532,6 +570,32 @@ class Receiver:
             got += 1
         return got
 
+    def add_batch(self, tenant, service, body):
+        """Add the records of an acked-transport batch body as received 3-frame messages.
+
+        Each record becomes the message ``[tenant, service, record]``, exactly as if
+        :meth:`recv` had received it: ``messages_total``, ``bytes_total`` and every ``take*``
+        method see no difference. Record contents are not checked here (:meth:`take_rendered`
+        counts bad ones, as for received messages).
+
+        Returns:
+            The number of records added (>= 1).
+
+        Raises:
+            ProtocolError: with ``reason`` ``"batch"``, and nothing added, when the body is
+                malformed (see :func:`split_batch`), a record is over ``max_frame_bytes``, or
+                ``tenant`` or ``service`` is.
+        """
+        tenant = bytes(tenant)
+        service = bytes(service)
+        records = split_batch(body, self.max_frame_bytes)
+        if len(tenant) > self.max_frame_bytes or len(service) > self.max_frame_bytes:
+            raise _malformed("batch", _BATCH_ERRORS[_BATCH_BAD_DEST])
+        self._batch.extend([tenant, service, record] for record in records)
+        self.messages_total += len(records)
+        self.bytes_total += sum(len(record) for record in records)
+        return len(records)
+
     def take(self):
         """Remove and return the received messages as lists of three frames."""
         out, self._batch = self._batch, []
@@ -575,3 +639,152 @@ class Receiver:
                 entries[index][2].append(line)
         self._batch = []
         return [(tenant, service, b"".join(lines), held) for tenant, service, lines, held in entries]
+
+
+# -- The acked transport's messages (docs/acked-protocol.md) -------------------------------------
+# Plain Python in both implementations: one call per batch or ack, never per line.
+
+#: Frame 0 of a batch message and of an acknowledgement: message kind and protocol version.
+BATCH_KIND = b"zlb1"
+ACK_KIND = b"zla1"
+#: A stream id is 1 to this many bytes.
+STREAM_ID_MAX_BYTES = 255
+_SEQ_MAX = (1 << 64) - 1
+
+# Why a batch body is malformed; the compiled Receiver.add_batch reports the same texts by index.
+_BATCH_BAD_EMPTY, _BATCH_BAD_HEADER, _BATCH_BAD_LENGTH, _BATCH_BAD_SIZE, _BATCH_BAD_DEST = range(5)
+_BATCH_ERRORS = (
+    "batch body is empty",
+    "batch body ends inside a record's 4-byte length",
+    "batch record length runs past the end of the body",
+    "batch record over max_frame_bytes",
+    "batch tenant or service over max_frame_bytes",
+)
+
+
+def split_batch(body, max_record_bytes=None):
+    """The records of a batch body (each a 4-byte big-endian length, then that many bytes).
+
+    Args:
+        body: bytes-like.
+        max_record_bytes: None, or the largest record accepted.
+
+    Returns:
+        A non-empty list of ``bytes``, one per record.
+
+    Raises:
+        ProtocolError: with ``reason`` ``"batch"``: an empty body, a length running past the end
+            (trailing bytes included), or a record over ``max_record_bytes``.
+    """
+    body = memoryview(body).cast("B")
+    size = len(body)
+    if not size:
+        raise _malformed("batch", _BATCH_ERRORS[_BATCH_BAD_EMPTY])
+    records = []
+    pos = 0
+    while pos < size:
+        if size - pos < 4:
+            raise _malformed("batch", _BATCH_ERRORS[_BATCH_BAD_HEADER])
+        length = int.from_bytes(body[pos:pos + 4], "big")
+        pos += 4
+        if length > size - pos:
+            raise _malformed("batch", _BATCH_ERRORS[_BATCH_BAD_LENGTH])
+        if max_record_bytes is not None and length > max_record_bytes:
+            raise _malformed("batch", _BATCH_ERRORS[_BATCH_BAD_SIZE])
+        records.append(bytes(body[pos:pos + length]))
+        pos += length
+    return records
+
+
+def _stream_id(stream_id, reason):
+    stream_id = memoryview(stream_id).tobytes()     # bytes-like only: bytes(5) is five zeros
+    if not 1 <= len(stream_id) <= STREAM_ID_MAX_BYTES:
+        raise _malformed(reason, "stream id must be 1 to %d bytes, got %d"
+                         % (STREAM_ID_MAX_BYTES, len(stream_id)))
+    return stream_id
+
+
+def _seq_bytes(seq, low, reason):
+    if not isinstance(seq, int) or isinstance(seq, bool) or not low <= seq <= _SEQ_MAX:
+        raise _malformed(reason, "seq must be an int from %d to 2**64-1, got %r" % (low, seq))
+    return seq.to_bytes(8, "big")
+
+
+def _seq_value(frame, low, reason):
+    if len(frame) != 8:
+        raise _malformed(reason, "seq must be 8 bytes, got %d" % len(frame))
+    seq = int.from_bytes(frame, "big")
+    if seq < low:
+        raise _malformed(reason, "seq must be >= %d, got %d" % (low, seq))
+    return seq
+
+
+def encode_batch_message(tenant, service, stream_id, seq, body):
+    """The 6 frames of a batch message: ``[b"zlb1", tenant, service, stream_id, seq, body]``.
+
+    Args:
+        tenant, service: bytes-like (or str, UTF-8 encoded).
+        stream_id: 1 to 255 bytes.
+        seq: the batch's sequence number, 1 to 2**64-1.
+        body: a batch body as :meth:`Stream.take_batch` returns it (not checked here).
+
+    Returns:
+        A list of 6 ``bytes``.
+
+    Raises:
+        ProtocolError: with ``reason`` ``"batch"``: a bad stream id or seq.
+    """
+    return [BATCH_KIND, _as_bytes(tenant, "tenant"), _as_bytes(service, "service"),
+            _stream_id(stream_id, "batch"), _seq_bytes(seq, 1, "batch"), bytes(body)]
+
+
+def decode_batch_message(frames):
+    """Check the frames of a batch message (without the ROUTER's routing id) and unpack them.
+
+    Only the frame level is checked; the body's records are checked by
+    :meth:`Receiver.add_batch` (or :func:`split_batch`).
+
+    Returns:
+        ``(tenant, service, stream_id, seq, body)``: bytes, seq an int.
+
+    Raises:
+        ProtocolError: with ``reason`` ``"batch"``: not 6 frames, kind not ``zlb1``, stream id
+            empty or over 255 bytes, seq not 8 bytes or 0.
+    """
+    if len(frames) != 6:
+        raise _malformed("batch", "a batch message has 6 frames, got %d" % len(frames))
+    kind, tenant, service, stream_id, seq, body = (bytes(f) for f in frames)
+    if kind != BATCH_KIND:
+        raise _malformed("batch", "not a batch message: kind %r" % (kind[:16],))
+    return tenant, service, _stream_id(stream_id, "batch"), _seq_value(seq, 1, "batch"), body
+
+
+def encode_ack(stream_id, seq):
+    """The 3 frames of a cumulative acknowledgement: ``[b"zla1", stream_id, seq]``.
+
+    Args:
+        stream_id: 1 to 255 bytes.
+        seq: every batch of the stream up to this one is written; 0 means none is.
+
+    Raises:
+        ProtocolError: with ``reason`` ``"ack"``: a bad stream id or seq.
+    """
+    return [ACK_KIND, _stream_id(stream_id, "ack"), _seq_bytes(seq, 0, "ack")]
+
+
+def decode_ack(frames):
+    """Check and unpack an acknowledgement (without a routing id).
+
+    Returns:
+        ``(stream_id, seq)``: bytes and int.
+
+    Raises:
+        ProtocolError: with ``reason`` ``"ack"``: not 3 frames, kind not ``zla1``, stream id
+            empty or over 255 bytes, seq not 8 bytes.
+    """
+    if len(frames) != 3:
+        raise _malformed("ack", "an ack has 3 frames, got %d" % len(frames))
+    kind, stream_id, seq = (bytes(f) for f in frames)
+    if kind != ACK_KIND:
+        raise _malformed("ack", "not an ack: kind %r" % (kind[:16],))
+    return _stream_id(stream_id, "ack"), _seq_value(seq, 0, "ack")

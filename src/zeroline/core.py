@@ -39,6 +39,18 @@ Partial = _core_py.Partial
 Framer = _core_py.Framer
 DEFAULT_LINE_BUFFER = _core_py.DEFAULT_LINE_BUFFER
 
+# The acked transport (docs/acked-protocol.md): Stream.take_batch / Receiver.add_batch handle the
+# batch body in either implementation; the messages around it are plain Python, shared by both.
+BATCH_MAX_BYTES = _impl.BATCH_MAX_BYTES
+BATCH_KIND = _core_py.BATCH_KIND
+ACK_KIND = _core_py.ACK_KIND
+STREAM_ID_MAX_BYTES = _core_py.STREAM_ID_MAX_BYTES
+split_batch = _core_py.split_batch
+encode_batch_message = _core_py.encode_batch_message
+decode_batch_message = _core_py.decode_batch_message
+encode_ack = _core_py.encode_ack
+decode_ack = _core_py.decode_ack
+
 
 def implementations():
     """The importable implementations as ``{name: module}`` (tests compare them)."""
