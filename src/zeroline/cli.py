@@ -163,6 +163,21 @@ def build_parser():
                       help="remove copies of containers idle this long, e.g. 7d, 12h "
                            "(default: $ZEROLINE_RETENTION or 7d)")
 
+    keygen = sub.add_parser(
+        "keygen",
+        help="create a CurveZMQ key pair (for CURVE between forwarders and collectors)",
+        description="Write a CurveZMQ key pair in the format of pyzmq's "
+                    "zmq.auth.create_certificates: DIR/NAME.key (the public certificate, to give "
+                    "to the other side) and DIR/NAME.key_secret (the secret one, created with "
+                    "mode 0600; keep it on this host). Existing files are never overwritten "
+                    "unless --force. Prints the public key (40 Z85 characters) on stdout.",
+    )
+    keygen.add_argument("name", metavar="NAME", help="file name stem, e.g. collector")
+    keygen.add_argument("--dir", default=".", metavar="DIR",
+                        help="where the two files go, created 0700 if missing (default: .)")
+    keygen.add_argument("--force", action="store_true",
+                        help="replace existing NAME.key / NAME.key_secret")
+
     col = sub.add_parser(
         "collect",
         help="receive lines and write them to files or stdout",
@@ -517,6 +532,16 @@ def cmd_plugin(args):
     return EXIT_OK
 
 
+def cmd_keygen(args):
+    """``zeroline keygen NAME``: write a key pair, print where and the public key."""
+    from .keys import create_keypair, load_public_key
+
+    public_path, secret_path = create_keypair(args.dir, args.name, force=args.force)
+    print(load_public_key(public_path).decode("ascii"))
+    _say("wrote %s (public) and %s (secret, mode 0600)" % (public_path, secret_path))
+    return EXIT_OK
+
+
 def cmd_collect(args):
     from .collector import DEFAULT_MAX_FILES, Collector
     from .config import parse_decimal_size
@@ -592,6 +617,8 @@ def main(argv=None):
             return cmd_plugin(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "keygen":
+            return cmd_keygen(args)
         return cmd_collect(args)
     except ConfigError as exc:
         _say("error: %s" % exc)
