@@ -306,7 +306,7 @@ def test_torn_tail_is_truncated_counted_and_appends_continue(tmp_path):
             f.truncate(cut)
         with Spool(work) as spool:
             assert spool.corrupt_total == 1 and spool.corrupt_bytes_total == cut - last, cut
-            assert spool.records == 2 and spool.bytes_used == last
+            assert spool.records == 2 and spool.bytes_used == last == disk_bytes(work)
             assert spool.next_seq(b"a") == 3
             append_n(spool, b"a", 1, size=64)
         with Spool(work) as spool:
@@ -335,6 +335,18 @@ def test_corrupt_middle_record_is_skipped_and_counted(tmp_path):
             replay = drain(spool)
             assert [r.seq for r in replay] == [1, 3]
             assert all(r.body == body_for(b"a", r.seq, 64) for r in replay)
+
+
+def test_record_damaged_after_open_is_skipped_by_next_unsent(tmp_path):
+    with Spool(tmp_path) as spool:
+        append_n(spool, b"a", 3, size=64)
+        second = spool._unsent[1]
+        (segment,) = seg_files(tmp_path)
+        with open(tmp_path / segment, "r+b") as f:
+            f.seek(second.offset + second.size - 1)
+            f.write(b"\xff")
+        assert [r.seq for r in drain(spool)] == [1, 3]
+        assert spool.corrupt_total == 1
 
 
 def test_garbage_segment_replays_nothing(tmp_path):
