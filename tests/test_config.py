@@ -159,8 +159,9 @@ def test_bool_rejects_what_go_rejects(text):
 def test_options_table_lists_every_log_opt_of_the_driver():
     assert set(OPTIONS) == {
         "zmq-address", "zmq-socket", "zmq-hwm", "zmq-framing", "zmq-container-id",
-        "zmq-line-buffer", "zmq-linger", "zmq-peer-wait", "mode", "max-buffer-size",
-        "labels", "labels-regex", "env", "env-regex", "tag",
+        "zmq-line-buffer", "zmq-linger", "zmq-peer-wait", "zmq-window", "spool-dir",
+        "spool-max-size", "mode", "max-buffer-size", "labels", "labels-regex", "env", "env-regex",
+        "tag",
         "cache-disabled", "cache-max-file", "cache-max-size", "cache-compress",
     }  # fmt: skip
     for name, opt in OPTIONS.items():
@@ -230,7 +231,7 @@ def test_unknown_key_is_named_exactly_with_the_valid_ones():
         validate_log_opts(opts(zmq_adress="x", bogus="1"))
     message = str(exc.value)
     assert message.startswith("unknown log opt 'bogus' for zmq log driver")  # first in sorted order
-    assert "(valid: cache-compress, cache-disabled, " in message and message.endswith("zmq-socket)")
+    assert "(valid: cache-compress, cache-disabled, " in message and message.endswith("zmq-window)")
 
 
 def test_unknown_key_message_names_the_driver():

@@ -140,6 +140,22 @@ def decode_frames(pb2, payload):
     return out
 
 
+def wait_listening(sock_path, timeout_s=TIMEOUT_S):
+    """True once a connect to ``sock_path`` succeeds: the socket file exists from bind() on, but
+    the plugin listens only after giving it its mode."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(sock_path)
+            return True
+        except OSError:
+            time.sleep(0.01)
+        finally:
+            probe.close()
+    return False
+
+
 class PluginThread:
     def __init__(self, sock_path, state_dir):
         self.sock_path = sock_path
@@ -149,10 +165,7 @@ class PluginThread:
         self.plugin = Plugin(state_dir)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + TIMEOUT_S
-        while not os.path.exists(sock_path) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert os.path.exists(sock_path), "plugin did not start"
+        assert wait_listening(sock_path), "plugin did not start"
 
     def _run(self):
         async def main():
@@ -415,9 +428,7 @@ def test_zeroline_plugin_command_serves_and_stops_on_sigterm():
     proc = subprocess.Popen([sys.executable, "-m", "zeroline", "plugin", "--socket", sock_path,
                              "--state-dir", state], stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not os.path.exists(sock_path) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert wait_listening(sock_path)
         daemon = Daemon(sock_path, work, None)
         assert daemon.call_json("LogDriver.Capabilities", None) == (
             200, {"Cap": {"ReadLogs": True}, "Err": ""})
@@ -493,8 +504,11 @@ def test_non_blocking_container_never_waits_for_a_missing_collector(env):
     while instance.stream.entries_total < n and time.monotonic() < deadline:
         time.sleep(0.01)
     st = instance.stream.stats()
+    # A push socket queues up to zmq-hwm (1000) messages for the collector to come; behind that,
     # Docker's ring: 10 lines of 100 bytes fit in 1 KiB, every later one is dropped and counted.
-    assert (st["pending_messages"], st["dropped_total"]) == (10, n - 10)
+    assert st["sent_total"] + st["pending_messages"] + st["dropped_total"] == n
+    assert st["pending_messages"] <= 10 and st["sent_total"] <= 1000
+    assert st["dropped_total"] >= n - 1010
     # Every entry still went to the local copy, so docker logs shows them all.
     env.stop(path)
     assert len(env.read_logs(info)) == n

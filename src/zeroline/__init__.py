@@ -15,6 +15,7 @@ from .core import (
     decode,
 )
 from .errors import ConfigError, ProtocolError, TransportError, ZerolineError
+from . import transport as _transport  # noqa: F401  (registers the zmq log driver)
 
 try:
     __version__ = _metadata.version("zeroline")

@@ -8,7 +8,6 @@ import argparse
 import atexit
 import dataclasses
 import os
-import select
 import shutil
 import signal
 import socket as _socket
@@ -21,8 +20,10 @@ from . import core
 from .config import OPTIONS, ContainerInfo, validate_log_opts
 from .errors import ConfigError, TransportError, ZerolineError
 
-#: Bytes asked for in one read: one crossing into the compiled core per read.
+#: Bytes asked for in one read of `forward`'s input: one crossing into the compiled core per read.
 READ_BYTES = 1 << 20
+#: `run` reads CMD's pipes as the supervisor does (a pipe holds 64 KiB).
+READ_BYTES_RUN = 64 * 1024
 #: Where the embedded collector writes when no zmq-address is given.
 DEFAULT_OUT_DIR = "zeroline-logs"
 
@@ -181,18 +182,24 @@ def build_parser():
     col = sub.add_parser(
         "collect",
         help="receive lines and write them to files or stdout",
-        description="Bind PULL (--bind, for push forwarders) and/or SUB (--bind-sub, for pub "
-                    "forwarders and the original driver) sockets, decode both framings and write "
-                    "every line to OUT/<tenant>/<service>.log (tenant and service escaped so they "
-                    "stay inside OUT) or to stdout. Text: seed payloads as received, msgpack "
-                    "records as '<container_id> <source>: <line>', the chunks of a long line joined "
-                    "again. Malformed messages are counted and skipped. Runs until SIGINT/SIGTERM "
-                    "(or --count).",
+        description="Bind PULL (--bind, for push forwarders), SUB (--bind-sub, for pub "
+                    "forwarders and the original driver) and/or ROUTER (--bind-acked, for "
+                    "zmq-socket=acked forwarders) sockets, decode both framings and acked batches, "
+                    "and write every line to OUT/<tenant>/<service>.log (tenant and service "
+                    "escaped so they stay inside OUT) or to stdout. Text: seed payloads as "
+                    "received, msgpack records as '<container_id> <source>: <line>', the chunks of "
+                    "a long line joined again. Malformed messages are counted and skipped. A "
+                    "write error (full disk) is reported with the path and retried, never fatal; "
+                    "meanwhile nothing more is received. Runs until SIGINT/SIGTERM (or --count); "
+                    "then what was received is written (and acknowledged) before it exits.",
     )
     col.add_argument("--bind", action="append", default=[], metavar="ENDPOINT",
                      help="bind a PULL socket (repeatable)")
     col.add_argument("--bind-sub", action="append", default=[], metavar="ENDPOINT",
                      help="bind a SUB socket subscribed to everything (repeatable)")
+    col.add_argument("--bind-acked", action="append", default=[], metavar="ENDPOINT",
+                     help="bind a ROUTER socket for acked forwarders (repeatable; needs --out: "
+                          "the journal of written batches is OUT/.zeroline/acked-streams)")
     where = col.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", metavar="DIR", help="write OUT/<tenant>/<service>.log")
     where.add_argument("--stdout", action="store_true", help="print lines on stdout")
@@ -212,6 +219,12 @@ def build_parser():
     col.add_argument("--stats", action="store_true", help="print counters on stderr at exit")
     col.add_argument("--stats-interval", type=float, default=0, metavar="SECONDS",
                      help="also print one line of counters on stderr every SECONDS")
+    col.add_argument("--fsync", choices=("batch", "interval", "never"), default="interval",
+                     help="batch: fsync the files written and the journal before each ack (an "
+                          "acked line survives a power cut); interval: fsync at most once a "
+                          "second, ack without waiting (a crash of the collector loses nothing "
+                          "acked, a power cut up to a second); never: leave it to the OS "
+                          "(default: interval)")
     return parser
 
 
@@ -238,7 +251,7 @@ class _EmbeddedCollector:
         atexit.register(shutil.rmtree, self.tmp, True)
         self.endpoint = "ipc://" + os.path.join(self.tmp, "collector.ipc")
         self.collector = Collector(out_dir=out_dir)
-        self.collector.bind(self.endpoint, "sub" if kind == "pub" else "pull")
+        self.collector.bind(self.endpoint, kind)
         self.thread = threading.Thread(target=self.collector.run, name="zeroline-collector",
                                        daemon=True)
         self.thread.start()
@@ -265,7 +278,7 @@ def _endpoint_and_container(args, opts):
     process (forward) or CMD (run): its id and name from the flags, its env from ours."""
     embedded = None
     if opts.address is None:
-        embedded = _EmbeddedCollector(args.out, opts.socket)
+        embedded = _EmbeddedCollector(args.out, _embedded_kind(opts.socket))
         opts = dataclasses.replace(opts, address=embedded.endpoint)
     container_id = args.container_id if args.container_id is not None else _socket.gethostname()
     info = ContainerInfo(container_id=container_id, container_name=args.container_name,
@@ -273,169 +286,219 @@ def _endpoint_and_container(args, opts):
     return opts, embedded, info
 
 
-def _install_signals():
-    state = {"count": 0}
-
-    def handler(signum, frame):
-        state["count"] += 1
-        if state["count"] > 1:
-            os._exit(128 + signum)      # a second signal: leave at once
-        raise _Shutdown(signum)
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
-def _pump(fd, stream, sock, blocking):
-    """Read until EOF: one feed and one batch send per read."""
-    while True:
-        if not blocking and stream.pending_messages:
-            # Non-blocking: keep the queue moving while the input is idle.
-            ready, _, _ = select.select([fd], [], [], 0.1)
-            if not ready:
-                stream.send(sock, block=False)
-                continue
-        data = os.read(fd, READ_BYTES)
-        if not data:
-            return
-        stream.feed(data)
-        stream.send(sock, block=blocking)
-
-
-def _drain(stream, sock, timeout_s):
-    """Send what is pending, waiting at most ``timeout_s``; returns messages left unsent."""
-    timer = threading.Timer(timeout_s, stream.cancel) if timeout_s > 0 else None
-    if timer is not None:
-        timer.start()
-    try:
-        stream.send(sock, block=True)
-    finally:
-        if timer is not None:
-            timer.cancel()
-    return stream.pending_messages
-
-
-def cmd_forward(args):
-    opts = validate_log_opts(_parse_log_opts(args.log_opt), require_address=False)
-    fd, own_fd = _open_input(args.input)
-    opts, embedded, info = _endpoint_and_container(args, opts)
-    from .output import Sink
-
-    sink = Sink(opts)
-    stream = sink.stream(info, args.source)
-    status = EXIT_OK
-    unsent = 0
-    try:
-        _install_signals()
-        try:
-            sink.wait_for_peer()
-            _pump(fd, stream, sink.socket, opts.mode == "blocking")
-        except _Shutdown as stop:
-            status = EXIT_INTERRUPTED if stop.signum == signal.SIGINT else EXIT_OK
-        # EOF or a signal: flush unterminated text (closing its partial group) and send the rest.
-        stream.close()
-        try:
-            unsent = _drain(stream, sink.socket, opts.linger_s)
-        except _Shutdown as stop:
-            status = EXIT_INTERRUPTED if stop.signum == signal.SIGINT else status
-            unsent = stream.pending_messages
-    finally:
-        confirmed = sink.close()
-        if own_fd:
-            os.close(fd)
-    paths = embedded.finish(stream.sent_total, max(opts.linger_s, 5.0)) if embedded else []
-    dropped = stream.dropped_total + unsent
-    if args.stats:
-        _say("%d lines, %d bytes, %d partial groups, %d messages sent, %d dropped "
-             "(ring full: %d, unsent at exit: %d) -> %s%s" % (
-                 stream.lines_total, stream.bytes_total, stream.partial_groups_total,
-                 stream.sent_total, dropped, stream.dropped_total, unsent, sink.endpoint,
-                 "" if confirmed else " (delivery not confirmed: linger ran out)"))
-    elif dropped:
-        _say("dropped %d messages (ring full: %d, unsent at exit: %d)"
-             % (dropped, stream.dropped_total, unsent))
-    if not confirmed and not args.stats:
-        _say("warning: zmq-linger ran out before the send queue drained; lines may be lost")
-    if embedded:
-        _say("%d messages -> embedded collector -> %s" % (stream.sent_total, ", ".join(paths) or args.out))
-    return status
+def _embedded_kind(socket_kind):
+    return {"pub": "sub", "push": "pull", "acked": "acked"}[socket_kind]
 
 
 # --------------------------------------------------------------------------------------------
-# run
+# The pipeline that forward and run share: copiers on a supervisor, one sink, signals, the end.
 
-#: After CMD exits, how long its pipes may stay silent (a background grandchild holding them)
-#: before zeroline stops reading them.
+#: After the input's writer is gone, how long its pipes may stay silent (a background grandchild
+#: holding them) before zeroline stops reading them.
 EOF_STALL_S = 2.0
-#: Signals passed on to CMD.
+#: Signals passed on to CMD by `run`.
 PASSED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                   signal.SIGUSR2, signal.SIGWINCH)
+#: Signals that make `forward` stop reading, flush, send and exit.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-async def _supervise(child, sink, info, opts, args):
+class _Outcome:
+    """What a forwarding pipeline did, for the summary and the exit status."""
+
+    def __init__(self, sup, sink):
+        self.stats = sup.stats()
+        self.sink_stats = sink.stats()
+        self.unsent_messages, self.undelivered_lines = sup.undelivered()
+        self.stop_signal = None
+        self.spooled = getattr(sink, "spool", None) is not None
+
+    @property
+    def dropped(self):
+        return self.stats["dropped_total"]
+
+    def lost(self):
+        """Lines (or, for pub/push, messages) known not to reach the collector."""
+        if self.spooled:
+            return self.dropped
+        return self.dropped + self.undelivered_lines
+
+
+def _stats_line(sup, sink):
+    st = sup.stats()
+    line = sup.stats_line()
+    ss = sink.stats()
+    if "lines_acked_total" in ss:
+        line += ", %d lines acknowledged (%d batches, %d resent, %d in the window)" % (
+            ss["lines_acked_total"], ss["batches_acked_total"], ss["batches_resent_total"],
+            ss["window_batches"])
+        if "spool_bytes" in ss:
+            line += ", spool %d bytes in %d records" % (ss["spool_bytes"], ss["spool_records"])
+    del st
+    return line
+
+
+def _report_end(outcome, sink, opts):
+    """One line about what did not reach the collector, if anything (always on stderr)."""
+    if getattr(sink, "spool", None) is not None:
+        batches, _ = sink.undelivered()
+        if batches:
+            _say("%d batches not yet acknowledged by %s: kept in spool %s; the next zeroline "
+                 "with spool-dir=%s sends them" % (batches, sink.endpoint, opts.spool_dir,
+                                                   opts.spool_dir))
+    elif outcome.undelivered_lines:
+        what = "lines" if opts.socket == "acked" else "messages"
+        _say("%d %s not delivered: %s did not %s them within zmq-linger (%gs without progress)"
+             % (outcome.undelivered_lines, what, sink.endpoint,
+                "acknowledge" if opts.socket == "acked" else "take", opts.linger_s))
+    if outcome.dropped:
+        _say("dropped %d lines (non-blocking buffer full; by stream: %s)" % (
+            outcome.dropped, ", ".join("%s=%d" % kv
+                                       for kv in outcome.stats["dropped_by_stream"].items())))
+
+
+async def _pipeline(sink, opts, args, sources, child=None):
+    """Copy ``sources`` (``(fd, stream, name, read_bytes)``) into ``sink`` until they end.
+
+    ``forward`` (no child): SIGINT/SIGTERM/SIGHUP stop reading; what was read is flushed and
+    sent. ``run``: the listed signals go to CMD; once CMD exited, the pipes are read to their
+    end whatever the collector does. Then everything is sent, waiting at most zmq-linger without
+    progress. A second SIGINT/SIGTERM leaves at once; one after CMD exited ends the wait.
+    """
     import asyncio
 
     from .supervisor import Supervisor
 
     loop = asyncio.get_running_loop()
-    sup = Supervisor(sink.socket, loop)
-    for source, pipe in (("stdout", child.stdout), ("stderr", child.stderr)):
-        fd = os.dup(pipe.fileno())
-        pipe.close()
-        sup.add(fd, sink.stream(info, source), "%s/%s" % (info.short_id, source),
-                blocking=opts.mode == "blocking")
+    sup = Supervisor(sink, loop)
+    blocking = opts.mode == "blocking"
+    for fd, stream, name, read_bytes in sources:
+        sup.add(fd, stream, name, blocking=blocking, read_bytes=read_bytes)
 
+    state = {"signal": None, "count": {}, "ending": False}
+    drain_task = None
     exited = loop.create_future()
-    pidfd = os.pidfd_open(child.pid)
-
-    def on_exit():
-        loop.remove_reader(pidfd)
-        if not exited.done():
-            exited.set_result(None)
-
-    loop.add_reader(pidfd, on_exit)
-    received = {}
 
     def on_signal(signum):
-        received[signum] = received.get(signum, 0) + 1
-        try:
-            child.send_signal(signum)
-        except ProcessLookupError:
-            pass
-        if signum in (signal.SIGINT, signal.SIGTERM) and received[signum] > 1:
-            os._exit(128 + signum)      # a second signal: leave at once
+        count = state["count"][signum] = state["count"].get(signum, 0) + 1
+        if child is not None and not exited.done():
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+            if signum in (signal.SIGINT, signal.SIGTERM) and count > 1:
+                os._exit(128 + signum)      # a second signal: leave at once
+            return
+        if state["signal"] is not None and signum in (signal.SIGINT, signal.SIGTERM):
+            os._exit(128 + signum)          # a second signal: leave at once
+        if state["signal"] is None:
+            state["signal"] = signum
+        if drain_task is not None:
+            drain_task.cancel()             # stop waiting for the collector
+        elif not state["ending"]:
+            sup.stop_reading()
 
-    for signum in PASSED_SIGNALS:
+    handled = PASSED_SIGNALS if child is not None else STOP_SIGNALS
+    for signum in handled:
         loop.add_signal_handler(signum, on_signal, signum)
 
     ticker = None
-    if args.stats_interval > 0:
+    if getattr(args, "stats_interval", 0) > 0:
         def tick():
             nonlocal ticker
-            _say(sup.stats_line())
+            _say(_stats_line(sup, sink))
             ticker = loop.call_later(args.stats_interval, tick)
         ticker = loop.call_later(args.stats_interval, tick)
 
-    await exited
-    os.close(pidfd)
-    child.wait()
-    # CMD is gone: read its pipes to the end (in blocking mode that may wait for the collector),
-    # unless they stay silent because a background grandchild still holds them.
-    last, last_change = None, time.monotonic()
-    while not await sup.wait(timeout=0.05):
-        st = sup.stats()
-        progress = (st["bytes_total"], st["sent_total"])
-        if progress != last:
-            last, last_change = progress, time.monotonic()
-        elif time.monotonic() - last_change > EOF_STALL_S and not sup._backlog:
-            sup.stop_reading()
-    unsent = await sup.drain(opts.linger_s)
-    if ticker is not None:
-        ticker.cancel()
-    for signum in PASSED_SIGNALS:
-        loop.remove_signal_handler(signum)
-    sup.close()
-    return sup, unsent
+    pidfd = None
+    if child is not None:
+        pidfd = os.pidfd_open(child.pid)
+
+        def on_exit():
+            loop.remove_reader(pidfd)
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, on_exit)
+        await exited
+        os.close(pidfd)
+        child.wait()
+        # CMD is gone: what is left in its pipes is bounded; read it all.
+        sup.read_to_end()
+    try:
+        # Read to the end, unless the pipes stay silent (a background grandchild holds them).
+        last, last_change = None, time.monotonic()
+        while sup._open:
+            await asyncio.sleep(0.05)
+            st = sup.stats()
+            progress = (st["bytes_total"], st["sent_total"])
+            if progress != last:
+                last, last_change = progress, time.monotonic()
+            elif child is not None and time.monotonic() - last_change > EOF_STALL_S:
+                sup.stop_reading()
+        state["ending"] = True
+        if state["signal"] is None:
+            drain_task = asyncio.ensure_future(sup.drain(opts.linger_s))
+            try:
+                await drain_task
+            except asyncio.CancelledError:
+                pass
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+        sup.close()
+    outcome = _Outcome(sup, sink)
+    outcome.stop_signal = state["signal"]
+    return sup, outcome
+
+
+def _finish(sup, sink, outcome, opts, args, embedded):
+    confirmed = sink.close()
+    expected = sup.stats()["sent_total"]
+    paths = embedded.finish(expected, max(opts.linger_s, 5.0)) if embedded else []
+    if args.stats:
+        _say(_stats_line(sup, sink))
+    _report_end(outcome, sink, opts)
+    if not confirmed and opts.socket != "acked" and not outcome.undelivered_lines:
+        _say("warning: zmq-linger ran out before the send queue drained; lines may be lost")
+    if embedded:
+        written = sink.stats().get("lines_acked_total", expected)
+        _say("%d messages -> embedded collector -> %s" % (written, ", ".join(paths) or args.out))
+    return confirmed
+
+
+def _open_sink(opts):
+    from .transport import open_sink
+
+    return open_sink(opts)
+
+
+def cmd_forward(args):
+    import uvloop
+
+    opts = validate_log_opts(_parse_log_opts(args.log_opt), require_address=False)
+    fd, own_fd = _open_input(args.input)
+    opts, embedded, info = _endpoint_and_container(args, opts)
+    sink = _open_sink(opts)
+    try:
+        stream = sink.stream(info, args.source)
+        sources = [(fd, stream, "%s/%s" % (info.short_id or "-", args.source), READ_BYTES)]
+        sup, outcome = uvloop.run(_pipeline(sink, opts, args, sources))
+    except BaseException:
+        sink.close(0)
+        raise
+    finally:
+        if own_fd:
+            try:
+                os.close(fd)
+            except OSError:
+                pass        # the copier closed it at EOF
+    confirmed = _finish(sup, sink, outcome, opts, args, embedded)
+    if outcome.stop_signal == signal.SIGINT:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURE if outcome.lost() or not confirmed else EXIT_OK
 
 
 def cmd_run(args):
@@ -448,35 +511,29 @@ def cmd_run(args):
         raise ConfigError("run needs a command: zeroline run [OPTIONS] -- CMD [ARGS...]")
     opts = validate_log_opts(_parse_log_opts(args.log_opt), require_address=False)
     opts, embedded, info = _endpoint_and_container(args, opts)
-    from .output import Sink
-
-    sink = Sink(opts)
+    sink = _open_sink(opts)
     try:
-        sink.wait_for_peer()
+        # CMD starts at once: whether a collector is there is the sink's business.
         try:
             child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as exc:
             _say("error: cannot run %s: %s" % (cmd[0], exc.strerror))
+            sink.close(0)
             if embedded:
                 embedded.finish(0, 0)
             return 127 if isinstance(exc, FileNotFoundError) else 126
-        sup, unsent = uvloop.run(_supervise(child, sink, info, opts, args))
-    finally:
-        confirmed = sink.close()
-    status = child.returncode if child.returncode >= 0 else 128 - child.returncode
-    sent = sup.stats()["sent_total"]
-    paths = embedded.finish(sent, max(opts.linger_s, 5.0)) if embedded else []
-    st = sup.stats()
-    if args.stats:
-        _say(sup.stats_line() + ("" if unsent == 0 else ", %d unsent at exit" % unsent))
-    elif st["dropped_total"] or unsent:
-        _say("dropped %d messages (buffer full: %d, unsent at exit: %d)"
-             % (st["dropped_total"] + unsent, st["dropped_total"], unsent))
-    if not confirmed:
-        _say("warning: zmq-linger ran out before the send queue drained; lines may be lost")
-    if embedded:
-        _say("%d messages -> embedded collector -> %s" % (sent, ", ".join(paths) or args.out))
-    return status
+        sources = []
+        for source, pipe in (("stdout", child.stdout), ("stderr", child.stderr)):
+            fd = os.dup(pipe.fileno())
+            pipe.close()
+            sources.append((fd, sink.stream(info, source),
+                            "%s/%s" % (info.short_id or "-", source), READ_BYTES_RUN))
+        sup, outcome = uvloop.run(_pipeline(sink, opts, args, sources, child=child))
+    except BaseException:
+        sink.close(0)
+        raise
+    _finish(sup, sink, outcome, opts, args, embedded)
+    return child.returncode if child.returncode >= 0 else 128 - child.returncode
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,6 +583,8 @@ def cmd_plugin(args):
 
     try:
         uvloop.run(main())
+    except ZerolineError:
+        raise       # a non-socket at --socket (status 2), a live plugin on it (status 1)
     except OSError as exc:
         raise TransportError("cannot serve on %s: %s" % (socket_path, exc.strerror or exc),
                              exc.errno or 0, socket_path) from None
@@ -546,8 +605,10 @@ def cmd_collect(args):
     from .collector import DEFAULT_MAX_FILES, Collector
     from .config import parse_decimal_size
 
-    if not args.bind and not args.bind_sub:
-        raise ConfigError("collect needs at least one --bind or --bind-sub ENDPOINT")
+    if not args.bind and not args.bind_sub and not args.bind_acked:
+        raise ConfigError("collect needs at least one --bind, --bind-sub or --bind-acked ENDPOINT")
+    if args.bind_acked and args.stdout:
+        raise ConfigError("--bind-acked needs --out DIR (its journal lives there), not --stdout")
     max_size = None
     if args.max_size is not None:
         if args.stdout:
@@ -564,12 +625,14 @@ def cmd_collect(args):
     out = sys.stdout.buffer if args.stdout else None
     collector = Collector(out_dir=None if out else args.out, out=out, fmt=args.format,
                           max_size=max_size,
-                          max_files=DEFAULT_MAX_FILES if args.max_files is None else args.max_files)
+                          max_files=DEFAULT_MAX_FILES if args.max_files is None else args.max_files,
+                          fsync=args.fsync, warn=_say)
     status = EXIT_OK
     received = []
 
     def on_signal(signum, frame):
-        # First signal: finish the batch in hand, write held chunks, close; a second: leave now.
+        # First signal: stop receiving, write what libzmq already holds and held chunks,
+        # acknowledge, close; a second: leave now.
         received.append(signum)
         if len(received) > 1:
             os._exit(128 + signum)
@@ -584,6 +647,8 @@ def cmd_collect(args):
                 collector.bind(endpoint, "pull")
             for endpoint in args.bind_sub:
                 collector.bind(endpoint, "sub")
+            for endpoint in args.bind_acked:
+                collector.bind(endpoint, "acked")
             collector.run(until_messages=args.count, stats_interval_s=args.stats_interval,
                           report=_say)
         finally:
@@ -591,11 +656,14 @@ def cmd_collect(args):
     except OSError as exc:
         if isinstance(exc, ZerolineError):
             raise
-        # A log file that cannot be written: disk full, permissions, a name the OS refuses.
+        # Log files are retried, never fatal (Collector); this is stdout, or OUT/.zeroline that
+        # cannot be created at start.
         _say("error: cannot write %s: %s" % (exc.filename or "output", exc.strerror or exc))
         status = EXIT_FAILURE
     if received:
         status = EXIT_INTERRUPTED if received[0] == signal.SIGINT else EXIT_OK
+    if collector.unwritten_bytes:
+        status = EXIT_FAILURE
     if args.stats:
         _say(collector.stats_line())
     return status

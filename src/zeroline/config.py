@@ -38,6 +38,8 @@ _INT32_MAX = 2**31 - 1
 _LINE_BUFFER_MAX_BYTES = 16 * 1024 * 1024
 # sun_path is 108 bytes on Linux and libzmq needs room for the terminating NUL.
 _IPC_PATH_MAX_BYTES = 107
+# Unacknowledged batches of the acked transport: each holds up to 256 KiB of records.
+_WINDOW_MAX = 4096
 
 
 class _Invalid(Exception):
@@ -277,6 +279,20 @@ def _parse_line_buffer(text: object) -> int:
     return size
 
 
+def _parse_window(text: object) -> int:
+    value = _parse_hwm(text)
+    if not 1 <= value <= _WINDOW_MAX:
+        raise _Invalid(f"expected an integer from 1 to {_WINDOW_MAX}")
+    return value
+
+
+def _parse_spool_dir(text: object) -> str | None:
+    text = _require_str(text)
+    if "\0" in text:
+        raise _Invalid("the path must not contain a NUL byte")
+    return text or None
+
+
 def _parse_list(text: object) -> tuple[str, ...]:
     # Docker splits on "," without trimming; we also trim blanks and drop empty items.
     return tuple(item.strip() for item in _require_str(text).split(",") if item.strip())
@@ -335,12 +351,12 @@ OPTIONS: dict[str, LogOpt] = {
         ),
         LogOpt(
             "zmq-socket", "choice", "pub",
-            "Socket type: pub sends every line to all subscribers, push to one puller at a time.",
-            ("pub", "push"),
+            "pub: lines to all subscribers; push: to one puller; acked: acknowledged batches.",
+            ("pub", "push", "acked"),
         ),
         LogOpt(
             "zmq-hwm", "int", "1000",
-            "Messages that may queue per peer before push blocks or pub drops; 0 means no limit.",
+            "pub/push: messages that may queue per peer before sends wait; 0 means no limit.",
         ),
         LogOpt(
             "zmq-framing", "choice", "seed",
@@ -358,11 +374,24 @@ OPTIONS: dict[str, LogOpt] = {
         ),
         LogOpt(
             "zmq-linger", "duration", "5s",
-            "How long to keep sending queued messages when the container stops.",
+            "At the end, how long to wait without progress for unsent or unacknowledged lines.",
         ),
         LogOpt(
             "zmq-peer-wait", "duration", "5s",
-            "How long to wait for a first peer (pub: subscriber, push: puller); 0 = forever.",
+            "After this long without a collector, say so on stderr (once); never fatal. 0: never.",
+        ),
+        LogOpt(
+            "zmq-window", "int", "32",
+            "acked: batches sent and not yet acknowledged before sending waits.",
+        ),
+        LogOpt(
+            "spool-dir", "path", None,
+            "acked: keep every batch in this directory until it is acknowledged; replayed by the "
+            "next run.",
+        ),
+        LogOpt(
+            "spool-max-size", "binary-size", "1g",
+            "acked with spool-dir: most disk the spool may use; then the mode's backpressure.",
         ),
         LogOpt(
             "mode", "choice", "blocking",
@@ -422,9 +451,13 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "regex": _parse_regex,
     "template": _parse_tag,
     "string": _parse_string,
+    "path": _parse_spool_dir,
 }
 # Range checks beyond the kind's own parser.
-_SPECIAL_PARSERS: dict[str, Callable[[object], Any]] = {"zmq-line-buffer": _parse_line_buffer}
+_SPECIAL_PARSERS: dict[str, Callable[[object], Any]] = {
+    "zmq-line-buffer": _parse_line_buffer,
+    "zmq-window": _parse_window,
+}
 
 
 def _parse_option(name: str, text: object) -> Any:
@@ -451,6 +484,9 @@ class ZmqOptions:
     line_buffer: int = 16384
     linger_s: float = 5.0
     peer_wait_s: float = 5.0
+    window: int = 32
+    spool_dir: str | None = None
+    spool_max_size: int = 1 << 30
     mode: str = "blocking"
     max_buffer_size: int = 1000000
     labels: tuple[str, ...] = ()
@@ -470,6 +506,9 @@ _ATTRIBUTES = {
     "zmq-line-buffer": "line_buffer",
     "zmq-linger": "linger_s",
     "zmq-peer-wait": "peer_wait_s",
+    "zmq-window": "window",
+    "spool-dir": "spool_dir",
+    "spool-max-size": "spool_max_size",
     "mode": "mode",
     "max-buffer-size": "max_buffer_size",
     "labels": "labels",
@@ -530,6 +569,20 @@ def validate_log_opts(
             values[name] = _parse_option(name, raw[name])
         elif opt.default is not None:
             values[name] = _parse_option(name, opt.default)
+    if values.get("zmq-socket") == "acked":
+        if raw.get("zmq-framing") == "seed":
+            raise ConfigError(
+                "invalid zmq-framing 'seed': zmq-socket=acked always carries full msgpack "
+                "records; leave zmq-framing out or set it to msgpack"
+            )
+        values["zmq-framing"] = "msgpack"
+    else:
+        for name in ("spool-dir", "spool-max-size", "zmq-window"):
+            if name in raw:
+                raise ConfigError(
+                    f"invalid {name} {_q(raw[name])}: only used with zmq-socket=acked "
+                    f"(zmq-socket is {values.get('zmq-socket')})"
+                )
     return ZmqOptions(
         address=values.get("zmq-address"),
         raw=raw,
@@ -905,13 +958,3 @@ def drivers() -> list[str]:
     """Names of the registered log drivers, sorted."""
     with _DRIVERS_LOCK:
         return sorted(_DRIVERS)
-
-
-def _create_zmq(info: ContainerInfo, options: ZmqOptions) -> Any:
-    # Imported here so that validating options never loads pyzmq or the core.
-    from zeroline.output import create_sink
-
-    return create_sink(info, options)
-
-
-register_driver("zmq", _create_zmq, validate_log_opts)

@@ -15,15 +15,25 @@ Protocol as read from the engine's code (docs/docker-logging.md §4-§5):
   ``/LogDriver.ReadLogs`` (``docker logs``).
 
 Errors are answered in the protocol's ``Err`` field with status 200 (the daemon shows the text);
-a body that is not JSON gets status 400. One container's trouble never stops the others.
+a body that is not JSON gets status 400. Every field of a request is type-checked against what the
+daemon sends (docs/docker-logging.md §2, §4) and bounded in size before anything is done with it,
+so a malformed request gets an ``Err``, never a 500. ReadLogs answers its errors with status 400:
+a 200 body is read by the daemon as LogEntry frames, where ``{"Er`` would be a 2 GB length prefix.
+One container's trouble never stops the others.
+
+The unix socket is bound, given mode 0660 and only then listened on (a connect before ``listen()``
+is refused, so the umask never leaves a window); an existing non-socket at its path is refused, a
+stale socket replaced, a live one refused, and the socket file is removed at exit.
 """
 
 import asyncio
 import collections
+import errno
 import gzip
 import json
 import os
 import shutil
+import socket
 import stat
 import struct
 import sys
@@ -33,10 +43,10 @@ from datetime import datetime
 from aiohttp import web
 
 from . import core
-from .config import (ContainerInfo, extra_attributes, parse_bool, parse_decimal_size,
-                     tenant_service, validate_log_opts)
-from .errors import ConfigError, ZerolineError
-from .output import Sink
+from .config import (ContainerInfo, parse_bool, parse_decimal_size,
+                     validate_log_opts)
+from .errors import ConfigError, ProtocolError, TransportError, ZerolineError
+from .transport import open_sink
 from .supervisor import Supervisor
 
 DEFAULT_SOCKET = "/run/docker/plugins/zeroline.sock"
@@ -51,6 +61,13 @@ STOP_EOF_WAIT_S = 60.0
 #: Local copies of containers not logged to for this long are removed (checked hourly).
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 FOLLOW_POLL_S = 0.1
+#: Mode of the plugin's unix socket: the daemon runs as root; nobody else may talk to the plugin.
+SOCKET_MODE = 0o777
+#: Request limits, far above anything the daemon sends (a few KiB) and far below what would hurt.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_STRING_CHARS = 1024 * 1024
+MAX_ITEMS = 10_000
+MAX_DEPTH = 800
 _ZERO_TIME = "0001-01-01T00:00:00Z"
 _LEN = struct.Struct(">I")
 
@@ -217,13 +234,9 @@ class LoggingInstance:
         self.copier = None
         self.stopping = False
         self.done = asyncio.get_running_loop().create_future()
-        tenant, service = tenant_service(info.env)
-        cid = info.short_id if options.container_id_format == "short" else info.container_id
-        self.stream = core.EntryStream(
-            framing=options.framing, tenant=tenant, service=service, container_id=cid,
-            container_name=info.container_name, attrs=extra_attributes(info, options),
-            max_pending_bytes=options.max_buffer_size if options.mode == "non-blocking" else -1,
-            keep_local=local is not None)
+        # Entries carry their own source: the stream is the container's FIFO.
+        self.stream = self.sink.stream(info, "entries", entries=True,
+                                       keep_local=local is not None)
         self._errors_logged = 0
 
     @property
@@ -271,7 +284,8 @@ class LoggingInstance:
 
 
 def _sink_key(options):
-    return (options.address, options.socket, options.hwm, options.linger_s)
+    return (options.address, options.socket, options.hwm, options.linger_s, options.window,
+            options.spool_dir, options.spool_max_size)
 
 
 class Plugin:
@@ -286,56 +300,66 @@ class Plugin:
 
     # -- handlers ----------------------------------------------------------------------------
     async def start_logging(self, body):
-        path = body.get("File")
-        info_json = body.get("Info") or {}
-        if not isinstance(path, str) or not path:
-            return "StartLogging: missing File"
-        if not isinstance(info_json, dict):
-            return "StartLogging: Info must be an object"
+        """StartLogging for a body that passed :func:`check_start_logging`. On any failure
+        nothing is left behind: no open FIFO, no copier, no state directory it created."""
+        path = body["File"]
+        info_json = body["Info"]
         if path in self.instances:
             return "StartLogging: already logging to %s" % path
         try:
             info = ContainerInfo.from_docker(info_json)
             config = info_json.get("Config") or {}
-            if not isinstance(config, dict):
-                return "StartLogging: Info.Config must be an object"
-            options = validate_log_opts({str(k): str(v) for k, v in config.items()})
-            local = self._local_copy(info, config)
+            options = validate_log_opts(dict(config))
+            self._local_settings(config)        # checked before anything is created
         except ZerolineError as exc:
             return str(exc)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            if local is not None:
-                local.close()
             return "cannot open the log FIFO %s: %s" % (path, exc.strerror)
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            os.close(fd)
-            if local is not None:
-                local.close()
-            return "%s is not a FIFO" % path
+        local = instance = None
+        container_dir = os.path.dirname(self._copy_dir(info.container_id))
+        fresh_dir = not os.path.exists(container_dir)
         try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                return "%s is not a FIFO" % path
             sink_entry = self._sink(options)
+            local = self._local_copy(info, config)
+            instance = LoggingInstance(self, path, fd, info, options, sink_entry, local)
+            instance.start()
         except ZerolineError as exc:
-            os.close(fd)
-            if local is not None:
-                local.close()
             return str(exc)
-        instance = LoggingInstance(self, path, fd, info, options, sink_entry, local)
+        except OSError as exc:
+            return "StartLogging: cannot set up the local copy: %s" % (exc.strerror or exc)
+        finally:
+            if instance is None or instance.copier is None:
+                os.close(fd)
+                if local is not None:
+                    local.close()
+                if fresh_dir:
+                    shutil.rmtree(container_dir, ignore_errors=True)
         self.instances[path] = instance
         self.by_container[info.container_id].add(instance)
-        instance.start()
         return ""
 
     async def stop_logging(self, body):
-        path = body.get("File")
-        instance = self.instances.get(path) if isinstance(path, str) else None
+        path = body["File"]
+        instance = self.instances.get(path)
         if instance is None:
             return "StopLogging: no logging instance for %s" % (path,)
         instance.stop()
         return ""
 
     def _local_copy(self, info, config):
+        settings = self._local_settings(config)
+        if settings is None:
+            return None
+        return LocalLog(self._copy_dir(info.container_id), *settings)
+
+    @staticmethod
+    def _local_settings(config):
+        """(max_size, max_file, compress) of the local copy, None when disabled; ConfigError for
+        bad cache-* values."""
         if parse_bool(str(config.get("cache-disabled", "false"))):
             return None
         max_size = LOCAL_MAX_SIZE
@@ -350,7 +374,7 @@ class Plugin:
         compress = parse_bool(str(config.get("cache-compress", "true")))
         if compress and max_file <= 1:
             raise ConfigError("cache-compress needs cache-max-file >= 2")
-        return LocalLog(self._copy_dir(info.container_id), max_size, max_file, compress)
+        return max_size, max_file, compress
 
     def _copy_dir(self, container_id):
         safe = "".join(c for c in container_id if c.isalnum()) or "unknown"
@@ -360,26 +384,12 @@ class Plugin:
         key = _sink_key(options)
         entry = self.sinks.get(key)
         if entry is None:
-            sink = Sink(options)
-            supervisor = Supervisor(sink.socket, asyncio.get_running_loop())
+            # The supervisor holds a pub sink's sends until a first subscriber (in blocking mode
+            # the containers then wait, as with a full pipe) and reports a missing collector.
+            sink = open_sink(options, report=_log)
+            supervisor = Supervisor(sink, asyncio.get_running_loop())
             entry = self.sinks[key] = (sink, supervisor)
-            if not sink.poll_peer(0):
-                # A pub socket drops what it sends before a first subscriber: hold the sends (in
-                # blocking mode the containers then wait, as with a full pipe).
-                supervisor.hold()
-                asyncio.get_running_loop().create_task(self._release_on_peer(sink, supervisor))
         return entry
-
-    async def _release_on_peer(self, sink, supervisor):
-        started, warned = time.monotonic(), False
-        while not sink.poll_peer(0):
-            if sink.closed:
-                return
-            if not warned and time.monotonic() - started > sink.options.peer_wait_s > 0:
-                warned = True
-                _log("no peer at %s yet; holding logs until one connects" % sink.endpoint)
-            await asyncio.sleep(0.05)
-        supervisor.release()
 
     def _instance_done(self, instance):
         self.instances.pop(instance.path, None)
@@ -394,18 +404,18 @@ class Plugin:
 
     # -- ReadLogs ----------------------------------------------------------------------------
     async def read_logs(self, request, body):
-        info_json = body.get("Info") or {}
+        """ReadLogs for a body that passed :func:`check_read_logs`; errors are answered with
+        status 400, since the daemon reads a 200 body as LogEntry frames."""
+        info_json = body["Info"]
         config = body.get("Config") or {}
-        if not isinstance(info_json, dict) or not isinstance(config, dict):
-            return web.json_response({"Err": "ReadLogs: Info and Config must be objects"})
         try:
             info = ContainerInfo.from_docker(info_json)
             since = parse_docker_time(config.get("Since"))
             until = parse_docker_time(config.get("Until"))
-            tail = int(config.get("Tail", -1))
-        except (ValueError, TypeError, ZerolineError) as exc:
-            return web.json_response({"Err": "ReadLogs: bad Config: %s" % exc})
-        follow = bool(config.get("Follow"))
+            tail = config.get("Tail", -1)
+        except (ValueError, OverflowError, ZerolineError) as exc:
+            return web.json_response({"Err": "ReadLogs: bad Config: %s" % exc}, status=400)
+        follow = config.get("Follow", False)
         # `docker logs` right after a stop: wait (bounded) for the previous instance to drain.
         draining = [i.done for i in self.by_container.get(info.container_id, ())
                     if i.stopping and not i.done.done()]
@@ -540,51 +550,243 @@ class Plugin:
 
 
 # ---------------------------------------------------------------------------------------------
+# Request validation: every field as the daemon sends it (moby daemon/logger/loginfo.go, plugin.go)
+
+_STR, _STR_LIST, _STR_MAP = "a string", "an array of strings or null", "an object of strings or null"
+#: Info's fields and their types; unknown keys are allowed (newer engines), within the limits.
+INFO_FIELDS = {
+    "Config": _STR_MAP, "ContainerID": _STR, "ContainerName": _STR,
+    "ContainerEntrypoint": _STR, "ContainerArgs": _STR_LIST, "ContainerImageID": _STR,
+    "ContainerImageName": _STR, "ContainerCreated": _STR, "ContainerEnv": _STR_LIST,
+    "ContainerLabels": _STR_MAP, "LogPath": _STR, "DaemonName": _STR, "Hostname": _STR,
+}
+
+
+def check_limits(body):
+    """Bounds the whole body, unknown keys included: depth, items per array/object, string
+    length, and text that cannot be encoded (a lone surrogate from a ``\\udXXX`` escape).
+
+    Raises:
+        ProtocolError: naming the first place over a limit.
+    """
+    stack = [(body, "body", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, str):
+            if len(value) > MAX_STRING_CHARS:
+                raise ProtocolError("%s: string longer than %d characters"
+                                    % (where, MAX_STRING_CHARS))
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProtocolError("%s: not valid Unicode text" % where) from None
+        elif isinstance(value, (list, dict)):
+            if depth > MAX_DEPTH:
+                raise ProtocolError("%s: nested deeper than %d levels" % (where, MAX_DEPTH))
+            if len(value) > MAX_ITEMS:
+                raise ProtocolError("%s: more than %d items" % (where, MAX_ITEMS))
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    stack.append((key, "%s key" % where, depth))
+                    stack.append((item, "%s.%s" % (where, key[:64]), depth + 1))
+            else:
+                stack.extend((item, "%s[%d]" % (where, i), depth + 1)
+                             for i, item in enumerate(value))
+
+
+def _check_type(value, kind, where):
+    if kind is _STR:
+        ok = isinstance(value, str)
+    elif value is None:
+        ok = kind in (_STR_LIST, _STR_MAP)
+    elif kind is _STR_LIST:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    if not ok:
+        raise ProtocolError("%s must be %s, got %s" % (where, kind, _json_type(value)))
+
+
+def _json_type(value):
+    if isinstance(value, (list, dict)):
+        inner = value.values() if isinstance(value, dict) else value
+        odd = next((v for v in inner if not isinstance(v, str)), None)
+        outer = "an object" if isinstance(value, dict) else "an array"
+        return outer if odd is None else "%s holding %s" % (outer, _json_type(odd))
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string"
+
+
+def check_info(info):
+    """``Info`` of StartLogging and ReadLogs: an object, a non-empty ContainerID, each known field
+    of its type (``ContainerEnv``, ``ContainerArgs``, ``ContainerLabels``, ``Config`` may be null,
+    as Go sends nil slices and maps)."""
+    if not isinstance(info, dict):
+        raise ProtocolError("Info must be an object, got %s" % _json_type(info))
+    if "ContainerID" not in info:
+        raise ProtocolError("Info.ContainerID is missing")
+    for key, kind in INFO_FIELDS.items():
+        if key in info:
+            _check_type(info[key], kind, "Info." + key)
+    if not info["ContainerID"]:
+        raise ProtocolError("Info.ContainerID is empty")
+
+
+def _check_file(body):
+    path = body.get("File")
+    if path is None:
+        raise ProtocolError("File is missing")
+    _check_type(path, _STR, "File")
+    if not path or "\0" in path:
+        raise ProtocolError("File must be a path, got %r" % path[:200])
+
+
+def check_start_logging(body):
+    """StartLogging: ``{"File": path, "Info": {...}}``."""
+    check_limits(body)
+    _check_file(body)
+    if "Info" not in body:
+        raise ProtocolError("Info is missing")
+    check_info(body["Info"])
+
+
+def check_stop_logging(body):
+    """StopLogging: ``{"File": path}``."""
+    check_limits(body)
+    _check_file(body)
+
+
+def check_read_logs(body):
+    """ReadLogs: ``{"Info": {...}, "Config": {"Since": T, "Until": T, "Tail": int,
+    "Follow": bool}}`` (T: RFC 3339 text; every Config key optional, Config may be null)."""
+    check_limits(body)
+    if "Info" not in body:
+        raise ProtocolError("Info is missing")
+    check_info(body["Info"])
+    config = body.get("Config")
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise ProtocolError("Config must be an object, got %s" % _json_type(config))
+    for key in ("Since", "Until"):
+        if key in config:
+            _check_type(config[key], _STR, "Config." + key)
+            if len(config[key]) > 64:
+                raise ProtocolError("Config.%s is not an RFC 3339 time" % key)
+    tail = config.get("Tail", -1)
+    # Go's int: a bool is not one, and neither is a number past int64.
+    if isinstance(tail, bool) or not isinstance(tail, int) or not -2**63 <= tail < 2**63:
+        raise ProtocolError("Config.Tail must be an integer, got %s" % _json_type(tail))
+    if not isinstance(config.get("Follow", False), bool):
+        raise ProtocolError("Config.Follow must be a boolean, got %s"
+                            % _json_type(config["Follow"]))
+
+
+# ---------------------------------------------------------------------------------------------
 # HTTP
 
-def _err(text):
-    return web.json_response({"Err": text})
+def _err(text, status=200):
+    return web.json_response({"Err": text}, status=status)
+
+
+def _refuse(exc_class, text, **kwargs):
+    return exc_class(text=json.dumps({"Err": text}), content_type="application/json", **kwargs)
+
+
+async def _read_body(request):
+    """The raw body, refused (413, with an Err) past MAX_BODY_BYTES before it is all read."""
+    declared = request.content_length
+    try:
+        if declared is not None and declared > MAX_BODY_BYTES:
+            raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, declared)
+        return await request.read()         # the app's client_max_size stops a chunked body
+    except web.HTTPRequestEntityTooLarge:
+        raise _refuse(web.HTTPRequestEntityTooLarge,
+                      "request body over %d bytes refused" % MAX_BODY_BYTES,
+                      max_size=MAX_BODY_BYTES, actual_size=declared or MAX_BODY_BYTES + 1) \
+            from None
 
 
 async def _json_body(request, required=True):
-    raw = await request.read()
+    """The body as a JSON object. Not JSON (or empty, as a retried request can be): 400.
+    Nesting too deep for the parser: ProtocolError, answered with an Err like other limits."""
+    raw = await _read_body(request)
     if not raw.strip():
         if required:
-            raise web.HTTPBadRequest(text=json.dumps({"Err": "empty request body"}),
-                                     content_type="application/json")
+            raise _refuse(web.HTTPBadRequest, "empty request body")
         return {}
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise ProtocolError("body: nested deeper than %d levels" % MAX_DEPTH) from None
     except ValueError as exc:
-        raise web.HTTPBadRequest(text=json.dumps({"Err": "cannot parse request: %s" % exc}),
-                                 content_type="application/json") from None
+        raise _refuse(web.HTTPBadRequest, "cannot parse request: %s" % exc) from None
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text=json.dumps({"Err": "request body must be a JSON object"}),
-                                 content_type="application/json")
+        raise _refuse(web.HTTPBadRequest, "request body must be a JSON object")
     return body
+
+
+#: Requests a handler failed on unexpectedly (a bug): answered with an Err, counted, logged.
+INTERNAL_ERRORS = web.AppKey("internal_errors", list)
 
 
 def make_app(plugin):
     """The aiohttp application answering the daemon's plugin requests."""
 
+    @web.middleware
+    async def never_500(request, handler):
+        # The checks above should leave nothing for this; if a bug slips through, the daemon
+        # still gets an Err (not a 500 page) and the log gets one line, not a traceback.
+        try:
+            return await handler(request)
+        except (web.HTTPException, asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as exc:
+            request.app[INTERNAL_ERRORS].append("%s: %s" % (type(exc).__name__, exc))
+            _log("internal error answering %s: %s: %s" % (request.path, type(exc).__name__,
+                                                          exc))
+            status = 400 if request.path == "/LogDriver.ReadLogs" else 200
+            return _err("zeroline plugin: internal error: %s" % exc, status)
+
     async def activate(request):
-        await request.read()
+        await _read_body(request)
         return web.json_response({"Implements": ["LogDriver"]})
 
     async def capabilities(request):
-        await request.read()
+        await _read_body(request)
         return web.json_response({"Cap": {"ReadLogs": True}, "Err": ""})
 
     async def start_logging(request):
-        return _err(await plugin.start_logging(await _json_body(request)))
+        try:
+            body = await _json_body(request)
+            check_start_logging(body)
+        except ProtocolError as exc:
+            return _err("StartLogging: %s" % exc)
+        return _err(await plugin.start_logging(body))
 
     async def stop_logging(request):
-        return _err(await plugin.stop_logging(await _json_body(request)))
+        try:
+            body = await _json_body(request)
+            check_stop_logging(body)
+        except ProtocolError as exc:
+            return _err("StopLogging: %s" % exc)
+        return _err(await plugin.stop_logging(body))
 
     async def read_logs(request):
-        return await plugin.read_logs(request, await _json_body(request))
+        try:
+            body = await _json_body(request)
+            check_read_logs(body)
+        except ProtocolError as exc:
+            return _err("ReadLogs: %s" % exc, status=400)
+        return await plugin.read_logs(request, body)
 
-    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[never_500])
+    app[INTERNAL_ERRORS] = []
     app.router.add_post("/Plugin.Activate", activate)
     app.router.add_post("/LogDriver.Capabilities", capabilities)
     app.router.add_post("/LogDriver.StartLogging", start_logging)
@@ -593,37 +795,115 @@ def make_app(plugin):
     return app
 
 
+def prepare_socket_path(path):
+    """Make way for the plugin's socket at ``path``: nothing there is fine; a stale socket (nobody
+    accepts on it) is removed; anything else is refused and left untouched.
+
+    Raises:
+        ConfigError: ``path`` exists and is not a socket (a user mistake: a wrong ``--socket``).
+        TransportError: another process listens on it, or it cannot be probed.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TransportError("cannot use socket path %s: %s" % (path, exc.strerror),
+                             exc.errno or 0, path) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError("socket path %s exists and is not a socket; refusing to replace it"
+                          % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)             # a socket nobody listens on: left by a run that died
+        return
+    except OSError as exc:
+        # A full backlog (timeout) is a live listener too; EACCES means we cannot tell.
+        if isinstance(exc, TimeoutError):
+            exc = OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+        else:
+            raise TransportError("cannot use socket path %s: %s" % (path, exc.strerror),
+                                 exc.errno or 0, path) from None
+    finally:
+        probe.close()
+    raise TransportError("another process is listening on %s (a zeroline plugin already "
+                         "running?); refusing to take its socket" % path, errno.EADDRINUSE, path)
+
+
+def bind_socket(path, mode=SOCKET_MODE):
+    """A unix socket bound at ``path`` with ``mode``, not yet listening.
+
+    bind() creates the file with the umask's mode; the chmod comes before listen(), and until
+    listen() every connect is refused, so there is no moment where the umask lets anyone in."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        try:
+            os.chmod(path, mode)
+        except BaseException:
+            os.unlink(path)
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve(socket_path, state_dir, retention_s=DEFAULT_RETENTION_S, ready=None, stop=None,
                 plugin=None):
     """Serve the plugin until ``stop`` (an asyncio.Event) is set; ``ready`` is set when listening.
-    ``plugin`` may be given (a :class:`Plugin` on ``state_dir``) to look at its state."""
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    os.chmod(state_dir, 0o700)
+    ``plugin`` may be given (a :class:`Plugin` on ``state_dir``) to look at its state.
+
+    The socket gets mode 0660 (owned by the user the plugin runs as: root:root in a managed
+    plugin) and is removed when serving ends.
+
+    Raises:
+        ConfigError: ``socket_path`` exists and is not a socket.
+        TransportError: another process listens on ``socket_path``.
+        OSError: the socket cannot be bound (e.g. its directory cannot be written).
+    """
     os.makedirs(os.path.dirname(os.path.abspath(socket_path)), exist_ok=True)
-    if os.path.exists(socket_path):
-        os.unlink(socket_path)      # a stale socket of a previous run
-    if plugin is None:
-        plugin = Plugin(state_dir, retention_s)
-    plugin.clean_old_copies()
-    runner = web.AppRunner(make_app(plugin), handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.UnixSite(runner, socket_path)
-    await site.start()
-    loop = asyncio.get_running_loop()
-
-    def hourly():
-        plugin.clean_old_copies()
-        handle[0] = loop.call_later(3600, hourly)
-
-    handle = [loop.call_later(3600, hourly)]
-    if ready is not None:
-        ready.set()
+    prepare_socket_path(socket_path)
+    sock = bind_socket(socket_path)
+    bound_inode = os.stat(socket_path).st_ino
+    runner = None
     try:
-        if stop is None:
-            stop = asyncio.Event()
-        await stop.wait()
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        if plugin is None:
+            plugin = Plugin(state_dir, retention_s)
+        plugin.clean_old_copies()
+        runner = web.AppRunner(make_app(plugin), handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.SockSite(runner, sock)
+        await site.start()
+        loop = asyncio.get_running_loop()
+
+        def hourly():
+            plugin.clean_old_copies()
+            handle[0] = loop.call_later(3600, hourly)
+
+        handle = [loop.call_later(3600, hourly)]
+        if ready is not None:
+            ready.set()
+        try:
+            if stop is None:
+                stop = asyncio.Event()
+            await stop.wait()
+        finally:
+            handle[0].cancel()
+            await plugin.close()
     finally:
-        handle[0].cancel()
-        await plugin.close()
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
+        sock.close()
+        try:
+            # Only our own socket: a new plugin may already have replaced it.
+            if os.stat(socket_path).st_ino == bound_inode:
+                os.unlink(socket_path)
+        except OSError:
+            pass
     return plugin

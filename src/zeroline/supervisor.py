@@ -1,17 +1,19 @@
-"""The control plane: a uvloop event loop running per-source copiers that feed one ZeroMQ sink.
+"""The control plane: a uvloop event loop running per-source copiers that feed one sink.
 
 Each copier owns a non-blocking file descriptor (a container's stdout or stderr, a FIFO) and a
 :class:`zeroline.core.Stream`. When the fd is readable the copier reads one buffer and hands it to the
-compiled core in a single call (cut + frame, GIL released), then the supervisor sends the batch
-without blocking. All sends happen on the loop thread, so the one ZeroMQ socket is only ever used by
-one thread. See docs/design.md for why copiers are loop readers and not worker threads.
+compiled core in a single call (cut + frame, GIL released), then the supervisor offers the batch
+to the sink (:mod:`zeroline.transport`) without blocking. All sends happen on the loop thread, so
+the one ZeroMQ socket is only ever used by one thread. See docs/design.md for why copiers are loop
+readers and not worker threads.
 
 Backpressure follows Docker's modes (docs/docker-logging.md §3):
 
-* blocking (default): when the socket refuses a message (PUSH at its high-water mark or without a
-  peer, XPUB with a slow subscriber), every blocking copier stops reading, so writers block on
-  their full pipes; reading resumes once the backlog is sent. Nothing is lost and memory is bounded
-  by one read buffer per stream.
+* blocking (default): when the sink refuses (PUSH at its high-water mark, XPUB with a slow or no
+  subscriber, an acked window full and no spool room), every blocking copier stops reading, so
+  writers block on their full pipes; reading resumes once the backlog is sent. Nothing is lost and
+  memory is bounded by one read buffer per stream. A parked copier is served within one retry
+  even while non-blocking streams keep the backlog busy.
 * non-blocking: a copier never stops reading; its Stream queues up to ``max-buffer-size`` line bytes
   and drops the incoming message beyond that (counted per stream, first drop logged once).
 """
@@ -28,6 +30,8 @@ import zmq
 READ_BYTES = 64 * 1024
 #: While the sink refuses messages, retry at least this often (the zmq FD is edge-triggered).
 RETRY_S = 0.005
+#: The sink's timers (peer reports, ack time-outs, holding until a first subscriber).
+TICK_S = 0.1
 
 
 def _log(text):
@@ -38,8 +42,10 @@ def _log(text):
 class Copier:
     """Copies one fd into one Stream. Created by :meth:`Supervisor.add`."""
 
-    def __init__(self, supervisor, fd, stream, name, blocking, on_feed=None, on_finish=None):
+    def __init__(self, supervisor, fd, stream, name, blocking, on_feed=None, on_finish=None,
+                 read_bytes=READ_BYTES):
         self.supervisor = supervisor
+        self.read_bytes = read_bytes
         self.on_feed = on_feed          # called after each feed (e.g. to write a local copy)
         self.on_finish = on_finish      # called once after EOF and the final flush
         self.fd = fd
@@ -47,19 +53,39 @@ class Copier:
         self.name = name
         self.blocking = blocking
         self.reading = False
+        self.pollable = True            # False for a regular file: epoll cannot watch it
+        self._file_handle = None
         self.eof = False
         self.read_errors_total = 0
         self._drop_logged = False
         os.set_blocking(fd, False)
 
     def _start(self):
-        if not self.reading and not self.eof:
-            self.supervisor.loop.add_reader(self.fd, self._on_readable)
-            self.reading = True
+        if self.reading or self.eof:
+            return
+        loop = self.supervisor.loop
+        if self.pollable:
+            try:
+                loop.add_reader(self.fd, self._on_readable)
+            except PermissionError:
+                self.pollable = False   # a regular file is always readable: read it in turns
+        if not self.pollable:
+            self._file_handle = loop.call_soon(self._on_file_turn)
+        self.reading = True
+
+    def _on_file_turn(self):
+        self._file_handle = None
+        self._on_readable()
+        if self.reading and not self.eof and self._file_handle is None:
+            self._file_handle = self.supervisor.loop.call_soon(self._on_file_turn)
 
     def _stop(self):
         if self.reading:
-            self.supervisor.loop.remove_reader(self.fd)
+            if self.pollable:
+                self.supervisor.loop.remove_reader(self.fd)
+            elif self._file_handle is not None:
+                self._file_handle.cancel()
+                self._file_handle = None
             self.reading = False
 
     def _on_readable(self):
@@ -75,7 +101,7 @@ class Copier:
 
     def _read(self):
         try:
-            data = os.read(self.fd, READ_BYTES)
+            data = os.read(self.fd, self.read_bytes)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -115,35 +141,53 @@ class Copier:
 
 
 class Supervisor:
-    """Runs copiers on an asyncio (uvloop) loop and sends their batches on one socket.
+    """Runs copiers on an asyncio (uvloop) loop and offers their batches to one sink.
 
     Args:
-        socket: the connected pyzmq socket (see :class:`zeroline.output.Sink`).
+        sink: a sink of :mod:`zeroline.transport` (``ZmqSink``, ``AckedSink``), or a connected
+            pyzmq socket, which is wrapped in a :class:`zeroline.transport.sink.SocketSink`.
         loop: the running event loop.
     """
 
-    def __init__(self, socket, loop):
-        self.socket = socket
+    def __init__(self, sink, loop):
+        if isinstance(sink, zmq.Socket):
+            from .transport.sink import SocketSink
+
+            sink = SocketSink(sink)
+        self.sink = sink
+        self.socket = getattr(sink, "socket", None)
         self.loop = loop
         self.copiers = []
         self._backlog = []          # copiers with messages the socket refused, in arrival order
         self._parked = collections.deque()   # blocking copiers that wait to read, in arrival order
         self._retry_handle = None
-        self._zmq_fd = socket.getsockopt(zmq.FD)
+        self._zmq_fd = sink.fd
         self._watching_fd = False
         self._open = 0
         self._all_done = loop.create_future()
         self._all_done.set_result(None)
         self._held = False
+        self._final = False
         self.blocked_total = 0
+        self.fair_turns_total = 0
+        self._tick_handle = None
+        if sink.watch_always:
+            loop.add_reader(self._zmq_fd, self._on_zmq_fd)
+            self._watching_fd = True
+        if sink.holding:
+            self._held = True
+        self._tick_handle = loop.call_later(TICK_S, self._tick)
 
     # -- copiers --------------------------------------------------------------------------------
-    def add(self, fd, stream, name, blocking=True, on_feed=None, on_finish=None):
+    def add(self, fd, stream, name, blocking=True, on_feed=None, on_finish=None,
+            read_bytes=READ_BYTES):
         """Start copying ``fd`` into ``stream``; returns the :class:`Copier`.
 
         ``on_feed(copier)`` runs after every read is fed (and after the final flush);
-        ``on_finish(copier)`` once the fd reached EOF and the stream was flushed."""
-        copier = Copier(self, fd, stream, name, blocking, on_feed, on_finish)
+        ``on_finish(copier)`` once the fd reached EOF and the stream was flushed. ``fd`` may be
+        a pipe, FIFO, socket or tty (watched by the loop) or a regular file (read in turns)."""
+        copier = Copier(self, fd, stream, name, blocking and not self._final, on_feed, on_finish,
+                        read_bytes)
         self.copiers.append(copier)
         self._open += 1
         if self._all_done.done():
@@ -175,6 +219,20 @@ class Supervisor:
         for copier in self.copiers:
             copier.finish()
 
+    def read_to_end(self):
+        """The writers are gone (CMD exited): read every fd to its end whatever the sink does.
+
+        What is left in a pipe is bounded (the pipe's capacity), so blocking copiers stop
+        parking: their lines queue in their streams and the final drain sends them or counts
+        them. Without this, a collector that is away would keep ``run`` waiting forever."""
+        self._final = True
+        for copier in self.copiers:
+            copier.blocking = False
+        while self._parked:
+            copier = self._parked.popleft()
+            if not copier.eof:
+                copier._start()
+
     # -- sending ----------------------------------------------------------------------------------
     def hold(self):
         """Send nothing until :meth:`release` (e.g. before a pub socket's first subscriber, which
@@ -198,8 +256,7 @@ class Supervisor:
                 copier._stop()
             return
         if not self._backlog:
-            stream.send(self.socket, block=False)
-            if not stream.pending_messages:
+            if self.sink.offer(stream):
                 return
             self._block()
         if copier not in self._backlog:
@@ -221,8 +278,19 @@ class Supervisor:
         # ZMQ_FD only says "look at ZMQ_EVENTS"; reading EVENTS also processes libzmq's pending
         # commands, which is what re-arms the fd. Retrying on every wake-up without that check
         # spun 514k times for 2 M lines (0.58 M lines/s); with it, 3.2k wake-ups (1.19 M lines/s).
-        if self.socket.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+        # An acked sink also takes its acknowledgements here.
+        if self.sink.on_event() and (self._backlog or self._parked):
             self._retry()
+
+    def _tick(self):
+        self._tick_handle = self.loop.call_later(TICK_S, self._tick)
+        more = self.sink.tick()
+        if self._held and not self.sink.holding:
+            self.release()
+        elif more and (self._backlog or self._parked):
+            self._retry()
+        elif not self._backlog:
+            self._check_done()
 
     def _schedule_retry(self):
         if self._retry_handle is None:
@@ -237,10 +305,10 @@ class Supervisor:
         # Round-robin: whoever is first in the backlog goes first; a partly sent one goes last.
         while self._backlog:
             copier = self._backlog[0]
-            copier.stream.send(self.socket, block=False)
-            if copier.stream.pending_messages:
+            if not self.sink.offer(copier.stream):
                 self._backlog.append(self._backlog.pop(0))
                 self._schedule_retry()
+                self._fair_turn()
                 return
             self._backlog.pop(0)
             if copier.blocking and not copier.eof:
@@ -257,13 +325,28 @@ class Supervisor:
             copier._read()      # it was readable when it parked (a spurious read is harmless)
         self._check_done()
 
+    def _fair_turn(self):
+        # The sink is still refusing. Non-blocking copiers never stop reading and can keep the
+        # backlog busy for good; a parked blocking copier then gets one read per retry anyway
+        # (its batch joins the round-robin backlog), so it is served within a bounded time.
+        # Memory stays bounded: a copier in the backlog does not read again until it is sent.
+        while self._parked:
+            copier = self._parked.popleft()
+            if copier.eof or copier in self._backlog:
+                continue
+            self.fair_turns_total += 1
+            copier._start()
+            copier._read()
+            return
+
     # -- counters -------------------------------------------------------------------------------
     def stats(self):
         """Totals over every copier, plus per-copier drops (only those with drops)."""
         totals = {"streams": len(self.copiers), "open_streams": self._open,
                   "lines_total": 0, "bytes_total": 0, "partial_groups_total": 0,
                   "sent_total": 0, "dropped_total": 0, "pending_messages": 0,
-                  "read_errors_total": 0, "blocked_total": self.blocked_total}
+                  "read_errors_total": 0, "blocked_total": self.blocked_total,
+                  "fair_turns_total": self.fair_turns_total}
         drops = {}
         for copier in self.copiers:
             s = copier.stream
@@ -291,15 +374,35 @@ class Supervisor:
         return line
 
     async def drain(self, timeout_s):
-        """Send the backlog, waiting at most ``timeout_s``; returns messages left unsent."""
-        deadline = time.monotonic() + timeout_s
-        while self._backlog and not self._held and time.monotonic() < deadline:
-            self._retry()
-            if self._backlog:
-                await asyncio.sleep(RETRY_S)
+        """Send the backlog and wait for the sink to have nothing in flight (acknowledged, for
+        an acked sink), giving up after ``timeout_s`` without progress. Returns the messages
+        left unsent in the streams (the sink's own count is :meth:`undelivered`)."""
+        def progress():
+            return (self.sink.progress_mark(),
+                    sum(c.stream.pending_messages for c in self.copiers))
+
+        last, deadline = progress(), time.monotonic() + timeout_s
+        while (self._backlog or not self.sink.idle()) and time.monotonic() < deadline:
+            if self._backlog and not self._held:
+                self._retry()
+            self.sink.on_event()
+            await asyncio.sleep(RETRY_S if self._backlog else 0.02)
+            now = progress()
+            if now != last:
+                last, deadline = now, time.monotonic() + timeout_s
         return sum(c.stream.pending_messages for c in self.copiers)
 
+    def undelivered(self):
+        """``(messages, lines)`` not known to be delivered: still in the streams, plus what the
+        sink holds unacknowledged (acked) or in its spool."""
+        messages = sum(c.stream.pending_messages for c in self.copiers)
+        batches, lines = self.sink.undelivered()
+        return messages + batches, messages + lines
+
     def close(self):
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
         if self._retry_handle is not None:
             self._retry_handle.cancel()
             self._retry_handle = None

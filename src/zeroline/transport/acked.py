@@ -1,0 +1,317 @@
+"""``zmq-socket=acked``: batches with sequence numbers, kept until the collector says they are written.
+
+The forwarder's half of docs/acked-protocol.md. One DEALER socket carries every stream of the
+process. A copier's read becomes one or more batches (``Stream.take_batch``: the records the core
+framed, copied into one body without the GIL); each batch gets the next sequence number of its
+stream and stays in the *window* until a cumulative ack covers it. With a spool, every batch is
+written to disk first and sent from there, so a collector that is away costs disk, not the
+program's progress, and a later process replays what this one could not deliver.
+
+Python runs once per batch (hundreds of lines), never once per line.
+"""
+
+import collections
+import os
+import time
+
+import zmq
+
+from .. import core
+from .._core_py import ACK_KIND, decode_ack, encode_batch_message
+from ..errors import ProtocolError
+from .sink import Sink
+
+#: Largest batch body taken from a stream at once (the spec's BATCH_MAX_BYTES).
+BATCH_MAX_BYTES = getattr(core._impl, "BATCH_MAX_BYTES", 256 * 1024)
+#: Without an ack for this long while batches are unacknowledged, every one is sent again.
+ACK_TIMEOUT_S = 5.0
+#: Stream ids are at most this long (the spec's limit).
+MAX_STREAM_ID = 255
+
+
+class _StreamState:
+    """Sequence numbers and the unacknowledged batches of one stream id."""
+
+    __slots__ = ("stream_id", "tenant", "service", "next_seq", "acked", "inflight",
+                 "overflow", "lines_acked")
+
+    def __init__(self, stream_id, tenant, service, next_seq):
+        self.stream_id = stream_id
+        self.tenant = tenant
+        self.service = service
+        self.next_seq = next_seq
+        self.acked = next_seq - 1
+        self.inflight = collections.deque()     # _Batch, in seq order
+        self.overflow = None                    # a batch the full spool refused: (seq, body, n)
+        self.lines_acked = 0
+
+
+class _Batch:
+    __slots__ = ("state", "seq", "frames", "lines")
+
+    def __init__(self, state, seq, frames, lines):
+        self.state = state
+        self.seq = seq
+        self.frames = frames
+        self.lines = lines
+
+
+class AckedSink(Sink):
+    """The acked transport over one DEALER socket; see the module docstring.
+
+    Args:
+        options: validated log-opts with ``socket == "acked"``; ``window`` bounds the batches in
+            flight, ``spool_dir``/``spool_max_size`` configure the spool.
+        context, report: as :class:`zeroline.transport.Sink`.
+        spool: a :class:`zeroline.transport.spool.Spool` to use instead of opening
+            ``spool_dir``.
+
+    Raises:
+        TransportError: the endpoint cannot be used.
+        SpoolError: the spool directory cannot be used.
+    """
+
+    kind = zmq.DEALER
+    watch_always = True
+    framing = "msgpack"
+
+    def __init__(self, options, context=None, report=None, spool=None):
+        if spool is None and options.spool_dir:
+            from .spool import Spool
+
+            spool = Spool(options.spool_dir, max_bytes=options.spool_max_size)
+        self.spool = spool
+        self.window = options.window
+        self.instance = spool.instance_id if spool is not None else os.urandom(8).hex()
+        self._streams = {}              # Stream -> _StreamState
+        self._by_id = {}                # stream id -> _StreamState (replayed ones too)
+        self._inflight = 0              # batches sent and not acknowledged, all streams
+        self._inflight_lines = 0
+        self._last_progress = time.monotonic()
+        self._timeout_reported = False
+        self._spool_full_reported = False
+        self.batches_sent_total = 0
+        self.batches_resent_total = 0
+        self.batches_acked_total = 0
+        self.lines_acked_total = 0
+        self.acks_total = 0
+        self.bad_acks_total = 0
+        self.replayed_batches_total = 0
+        try:
+            super().__init__(options, context, report)
+        except BaseException:
+            if spool is not None:
+                spool.close()
+            raise
+        if spool is not None and spool.unsent_count():
+            self.report("spool %s: %d batches left by an earlier run; sending them first"
+                        % (options.spool_dir, spool.unsent_count()))
+            self._pump_spool()
+
+    def _setup(self):
+        sock = self.socket
+        # The window bounds what is queued; the socket itself must never refuse or drop.
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        # Unacknowledged batches are resent or kept in the spool: waiting at close adds nothing.
+        sock.setsockopt(zmq.LINGER, 0)
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+
+    # -- streams ----------------------------------------------------------------------------
+    def _register(self, stream, info, source):
+        cid = info.container_id or "-"
+        sid = ("%s/%s/%s" % (self.instance, cid, source)).encode("utf-8", "surrogateescape")
+        sid = sid[:MAX_STREAM_ID]
+        state = self._by_id.get(sid)
+        if state is None:
+            first = self.spool.next_seq(sid) if self.spool is not None else 1
+            state = self._by_id[sid] = _StreamState(sid, stream.tenant, stream.service, first)
+        self._streams[stream] = state
+
+    def forget(self, stream):
+        self._streams.pop(stream, None)
+
+    def stream_id(self, stream):
+        return self._streams[stream].stream_id
+
+    # -- sending ------------------------------------------------------------------------------
+    def offer(self, stream):
+        state = self._streams[stream]
+        spool = self.spool
+        if state.overflow is not None and not self._spool_overflow(state):
+            return False
+        while stream.pending_messages:
+            if spool is None:
+                if self._inflight >= self.window:
+                    return False
+                body, lines, _ = stream.take_batch(BATCH_MAX_BYTES)
+                seq = state.next_seq
+                state.next_seq += 1
+                self._send(_Batch(state, seq, encode_batch_message(
+                    state.tenant, state.service, state.stream_id, seq, body), lines))
+            else:
+                body, lines, _ = stream.take_batch(BATCH_MAX_BYTES)
+                state.overflow = (state.next_seq, body, lines)
+                state.next_seq += 1
+                if not self._spool_overflow(state):
+                    return False
+        if spool is not None:
+            self._pump_spool()
+        return True
+
+    def _spool_overflow(self, state):
+        from .spool import SpoolFull
+
+        seq, body, lines = state.overflow
+        try:
+            self.spool.append(state.stream_id, seq, state.tenant, state.service, body, lines)
+        except SpoolFull as exc:
+            if not self._spool_full_reported:
+                self._spool_full_reported = True
+                self.report("%s: %s" % (exc, self.hold_text()))
+            return False
+        self._spool_full_reported = False
+        state.overflow = None
+        self._pump_spool()
+        return True
+
+    def _pump_spool(self):
+        spool = self.spool
+        while self._inflight < self.window:
+            record = spool.next_unsent()
+            if record is None:
+                return
+            state = self._by_id.get(record.stream_id)
+            if state is None:       # left by an earlier process: its stream goes on here
+                state = self._by_id[record.stream_id] = _StreamState(
+                    record.stream_id, record.tenant, record.service, record.seq)
+                self.replayed_batches_total += 1
+            self._send(_Batch(state, record.seq, encode_batch_message(
+                record.tenant, record.service, record.stream_id, record.seq, record.body),
+                record.lines))
+
+    def _send(self, batch):
+        state = batch.state
+        if not state.inflight and not self._inflight:
+            self._last_progress = time.monotonic()
+        state.inflight.append(batch)
+        self._inflight += 1
+        self._inflight_lines += batch.lines
+        self.socket.send_multipart(batch.frames, copy=False)
+        self.batches_sent_total += 1
+
+    def _resend_all(self, why):
+        count = 0
+        for state in self._by_id.values():
+            for batch in state.inflight:
+                self.socket.send_multipart(batch.frames, copy=False)
+                count += 1
+        self.batches_resent_total += count
+        self._last_progress = time.monotonic()
+        return count
+
+    # -- acknowledgements ----------------------------------------------------------------------
+    def on_event(self):
+        self._take_acks()
+        return self._inflight < self.window
+
+    def _take_acks(self):
+        sock = self.socket
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = sock.recv_multipart(zmq.DONTWAIT)
+            try:
+                stream_id, seq = decode_ack(frames)
+            except ProtocolError:
+                self.bad_acks_total += 1
+                continue
+            self.acks_total += 1
+            state = self._by_id.get(stream_id)
+            if state is None or seq <= state.acked:
+                continue
+            state.acked = seq
+            freed = 0
+            while state.inflight and state.inflight[0].seq <= seq:
+                batch = state.inflight.popleft()
+                self._inflight -= 1
+                self._inflight_lines -= batch.lines
+                state.lines_acked += batch.lines
+                self.lines_acked_total += batch.lines
+                freed += 1
+            self.batches_acked_total += freed
+            if self.spool is not None:
+                self.spool.release(stream_id, seq)
+            self._last_progress = time.monotonic()
+            if self._timeout_reported:
+                self._timeout_reported = False
+        if self.spool is not None:
+            self._pump_spool()
+
+    def _on_connected(self):
+        reconnect = self.peer_seen
+        self.peer_seen = True
+        if reconnect and self._inflight:
+            # What was in flight on the broken connection may be gone: send it all again (the
+            # collector drops what it already wrote).
+            self._resend_all("reconnect")
+
+    def tick(self):
+        super().tick()
+        self._take_acks()
+        if self._inflight and time.monotonic() - self._last_progress > ACK_TIMEOUT_S:
+            if not self._timeout_reported:
+                self._timeout_reported = True
+                self.report("no acknowledgement from %s for %gs; resending %d batches (and every "
+                            "%gs while it lasts)" % (self.endpoint, ACK_TIMEOUT_S,
+                                                     self._inflight, ACK_TIMEOUT_S))
+            self._resend_all("timeout")
+        return self._inflight < self.window
+
+    # -- state --------------------------------------------------------------------------------
+    def idle(self):
+        if self._inflight:
+            return False
+        if any(state.overflow is not None for state in self._by_id.values()):
+            return False
+        return self.spool is None or not self.spool.unsent_count()
+
+    def undelivered(self):
+        """``(batches, lines)`` not acknowledged: in flight, refused by a full spool, or in the
+        spool and not sent yet (counted as batches; their lines are on disk)."""
+        batches, lines = self._inflight, self._inflight_lines
+        for state in self._by_id.values():
+            if state.overflow is not None:
+                batches += 1
+                lines += state.overflow[2]
+        if self.spool is not None:
+            batches += self.spool.unsent_count()
+        return batches, lines
+
+    def progress_mark(self):
+        """Changes whenever a batch was acknowledged (drain waits while it keeps changing)."""
+        return self.batches_acked_total
+
+    def stats(self):
+        out = super().stats()
+        out.update(batches_sent_total=self.batches_sent_total,
+                   batches_resent_total=self.batches_resent_total,
+                   batches_acked_total=self.batches_acked_total,
+                   lines_acked_total=self.lines_acked_total,
+                   acks_total=self.acks_total, bad_acks_total=self.bad_acks_total,
+                   window_batches=self._inflight, window_lines=self._inflight_lines)
+        if self.spool is not None:
+            out.update(spool_bytes=self.spool.bytes_used, spool_records=self.spool.records,
+                       spool_segments=self.spool.segments)
+        return out
+
+    def close(self, linger_s=None):
+        idle = self.idle()
+        try:
+            super().close(0)
+        finally:
+            if self.spool is not None:
+                self.spool.close()
+        return idle
+
+
+__all__ = ["ACK_KIND", "ACK_TIMEOUT_S", "AckedSink", "BATCH_MAX_BYTES"]
