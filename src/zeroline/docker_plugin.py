@@ -62,12 +62,12 @@ STOP_EOF_WAIT_S = 60.0
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 FOLLOW_POLL_S = 0.1
 #: Mode of the plugin's unix socket: the daemon runs as root; nobody else may talk to the plugin.
-SOCKET_MODE = 0o777
+SOCKET_MODE = 0o660
 #: Request limits, far above anything the daemon sends (a few KiB) and far below what would hurt.
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_STRING_CHARS = 1024 * 1024
 MAX_ITEMS = 10_000
-MAX_DEPTH = 800
+MAX_DEPTH = 8
 _ZERO_TIME = "0001-01-01T00:00:00Z"
 _LEN = struct.Struct(">I")
 
