@@ -1,18 +1,21 @@
-"""The log processing center: binds PULL/SUB sockets, receives batches, writes tenant/service files."""
+"""The log processing center: binds PULL/SUB/ROUTER sockets, receives batches, writes tenant/service files."""
 
 import base64
 import collections
+import fcntl
 import hashlib
 import json
 import os
 import re
+import sys
 import threading
 import time
+import zlib
 
 import zmq
 
 from . import core
-from ._core_py import MALFORMED_REASONS, decode_payload
+from ._core_py import ACK_KIND, MALFORMED_REASONS, decode_batch_message, decode_payload, encode_ack
 from .errors import ConfigError, ProtocolError, TransportError
 
 FORMATS = ("text", "json")
@@ -30,6 +33,31 @@ DEFAULT_MAX_FILES = 5
 BATCH_MESSAGES = 16384
 #: Poll timeout of the receive loop: how late a stop(), a signal or a stats tick can be noticed.
 POLL_MS = 100
+#: Socket kinds of :meth:`Collector.bind`.
+KINDS = ("pull", "sub", "acked")
+#: Acked batches taken from one ROUTER socket per receive round, and their body bytes at most:
+#: a round ends with one fsync (``--fsync batch``), one journal append and the acks.
+ACKED_ROUND_BATCHES = 1024
+ACKED_ROUND_BYTES = 16 * 1024 * 1024
+#: ``--fsync``: ``batch`` before every ack, ``interval`` at most every FSYNC_INTERVAL_S, ``never``.
+FSYNC_MODES = ("batch", "interval", "never")
+FSYNC_INTERVAL_S = 1.0
+#: After a failed write (full disk...): retry this often, and repeat the report this often.
+WRITE_RETRY_S = 0.5
+WRITE_REPORT_S = 10.0
+#: At stop (SIGTERM): keep taking what libzmq already holds for this long at most (or until a
+#: round finds nothing), and wait this long at most for a failing write to succeed.
+STOP_DRAIN_S = 1.0
+STOP_WRITE_WAIT_S = 10.0
+#: The acked transport's journal of written sequence numbers, in OUT/.zeroline/.
+STATE_DIR = ".zeroline"
+JOURNAL_NAME = "acked-streams"
+#: The journal is rewritten compactly (one entry per stream) past this size, or twice its
+#: compacted size when that is larger.
+JOURNAL_COMPACT_BYTES = 1024 * 1024
+#: Reasons counted by the collector itself besides the receiver's: a malformed acked batch, and an
+#: acknowledgement sent to the collector (a peer wired the wrong way round).
+_REASONS = MALFORMED_REASONS + tuple(r for r in ("batch", "ack") if r not in MALFORMED_REASONS)
 
 # Bytes that stand for themselves in a file name; every other byte becomes %XX.
 _PLAIN = re.compile(rb"[A-Za-z0-9._-]+")
@@ -113,17 +141,24 @@ class LogFile:
         path: the ``.log`` file.
         max_size: bytes, or None for no rotation.
         max_files: files kept, the live one included (>= 1).
+        sync_on_close: fsync a file written since its last :meth:`sync` before closing it (at
+            rotation too), so that a later fsync of the live file covers every line.
 
     Raises:
-        OSError: the file cannot be opened, written or renamed.
+        OSError: the file cannot be opened, written or renamed. A failed :meth:`write` sets
+            ``written`` on the exception: how many bytes of ``data`` are in the file (the caller
+            continues from there, so no line is written twice or torn), and ``filename``.
     """
 
-    def __init__(self, path, max_size=None, max_files=DEFAULT_MAX_FILES):
+    def __init__(self, path, max_size=None, max_files=DEFAULT_MAX_FILES, sync_on_close=False):
         self.path = path
         self.max_size = max_size
         self.max_files = max_files
+        self.sync_on_close = sync_on_close
         self.rotations_total = 0
+        self.dirty = False          # written since the last sync()
         self._fd = -1
+        self._done = 0
         self._open()
 
     def _open(self):
@@ -133,35 +168,49 @@ class LogFile:
         self.size = os.fstat(self._fd).st_size
 
     def write(self, data):
-        """Append whole lines (``data`` ends with ``"\\n"``), rotating between lines as needed."""
+        """Append whole lines (``data``: bytes ending with ``"\\n"``), rotating between lines as
+        needed."""
         size = len(data)
-        if self.max_size is None:
-            self._write_all(data)
-            self.size += size
-            return
         view = memoryview(data)
-        pos = 0
-        while pos < size:
-            if self.size >= self.max_size:
-                self.rotate()
-            # Lines starting before the limit go in this file: up to the end of the line that
-            # holds the file's max_size-th byte.
-            end = data.find(b"\n", pos + self.max_size - self.size - 1) + 1
-            if end == 0:
-                end = size
-            self._write_all(view[pos:end])
-            self.size += end - pos
-            pos = end
+        self._done = 0
+        try:
+            if self._fd < 0:            # a rotation that could not open the new file
+                self._open()
+            if self.max_size is None:
+                self._write_all(view, size)
+                return
+            while self._done < size:
+                if self.size >= self.max_size:
+                    self.rotate()
+                # Lines starting before the limit go in this file: up to the end of the line that
+                # holds the file's max_size-th byte.
+                end = data.find(b"\n", self._done + self.max_size - self.size - 1) + 1
+                if end == 0:
+                    end = size
+                self._write_all(view, end)
+        except OSError as exc:
+            exc.written = self._done
+            if exc.filename is None:
+                exc.filename = self.path
+            raise
 
-    def _write_all(self, data):
-        while data:
-            written = os.write(self._fd, data)
-            data = data[written:]
+    def _write_all(self, view, end):
+        # os.write may write less than asked (a disk filling up): continue from where it stopped.
+        while self._done < end:
+            count = os.write(self._fd, view[self._done:end])
+            self._done += count
+            self.size += count
+            self.dirty = True
+
+    def sync(self):
+        """fsync what was written (nothing to do when the file is clean or closed)."""
+        if self.dirty and self._fd >= 0:
+            os.fsync(self._fd)
+        self.dirty = False
 
     def rotate(self):
         """Start a new file now (see the class description)."""
-        os.close(self._fd)
-        self._fd = -1
+        self._close()
         if self.max_files < 2:
             os.truncate(self.path, 0)
         else:
@@ -171,36 +220,275 @@ class LogFile:
                     os.replace(older, "%s.%d" % (self.path, n + 1))
             if os.path.lexists(self.path):
                 os.replace(self.path, self.path + ".1")
+        self.size = 0           # a failed open below is retried by the next write, not rotated again
         self.rotations_total += 1
         self._open()
 
-    def close(self):
+    def _close(self):
         if self._fd >= 0:
+            if self.sync_on_close and self.dirty:
+                try:
+                    os.fsync(self._fd)
+                except OSError:         # the lines were written; fsync errors are the kernel's to log
+                    pass
+            self.dirty = False
             os.close(self._fd)
             self._fd = -1
 
+    def close(self):
+        self._close()
+
 
 class _Group:
-    """The chunks of one long line waiting for their last chunk."""
+    """The chunks of one long line waiting for their last chunk.
 
-    __slots__ = ("since", "tenant", "service", "prefix", "chunks", "size")
+    ``origin`` is ``(stream, seq)`` when the group's first chunk came in acked batch ``seq`` of
+    ``stream`` (an :class:`_AckedStream`), else None.
+    """
 
-    def __init__(self, since, tenant, service, prefix):
+    __slots__ = ("since", "tenant", "service", "prefix", "chunks", "size", "origin")
+
+    def __init__(self, since, tenant, service, prefix, origin=None):
         self.since = since
         self.tenant = tenant
         self.service = service
         self.prefix = prefix
         self.chunks = []
         self.size = 0
+        self.origin = origin
+
+
+class _AckedStream:
+    """What the collector knows of one acked stream (docs/acked-protocol.md, "Collector rules").
+
+    - ``accepted``: the highest seq taken in order; its lines were handed to the writers. A batch
+      with ``seq <= accepted`` is a duplicate, ``seq > accepted + 1`` a gap.
+    - ``written``: the highest seq whose lines are all in the files. It trails ``accepted`` while
+      a batch's lines are not in the files yet: a long line still waiting for its last chunk
+      (``holds``: group key -> seq of the batch where the group started), or rendered lines held
+      in memory because a write failed (``io_hold``: the first such batch's seq). It is then one
+      below the lowest of those seqs, and catches up when they are written.
+    - ``journaled``: ``written`` as last appended to the journal; acknowledgements carry it, so
+      an ack never says more than a restarted collector would know.
+    """
+
+    __slots__ = ("stream_id", "accepted", "written", "journaled", "holds", "io_hold", "peer")
+
+    def __init__(self, stream_id, written, journaled=None):
+        self.stream_id = stream_id
+        self.accepted = written
+        self.written = written
+        self.journaled = journaled
+        self.holds = {}
+        self.io_hold = None
+        self.peer = None        # (socket, routing id) of the last batch: where a later ack goes
+
+    def update(self):
+        """Recompute ``written``; True when it moved."""
+        low = self.accepted
+        if self.holds:
+            low = min(low, min(self.holds.values()) - 1)
+        if self.io_hold is not None:
+            low = min(low, self.io_hold - 1)
+        if low > self.written:
+            self.written = low
+            return True
+        return False
+
+
+_JOURNAL_HEADER = b"zeroline acked-streams 1\n"
+
+
+def _journal_entry(stream_id, written):
+    # "<stream id hex> <written> <crc32 of the two, 8 hex>\n": a torn or garbled entry fails
+    # the check and is ignored when the journal is loaded.
+    text = b"%s %d" % (stream_id.hex().encode("ascii"), written)
+    return b"%s %08x\n" % (text, zlib.crc32(text))
+
+
+def load_journal(path):
+    """Read an acked-streams journal.
+
+    Returns:
+        ``(streams, bad)``: ``{stream_id: written}`` (the highest value recorded per stream), and
+        the number of entries ignored (a torn last entry, garbled ones). A missing file is empty.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return {}, 0
+    streams = {}
+    bad = 0
+    lines = data.split(b"\n")
+    if lines[-1]:           # no newline at the end: torn by a crash mid-append
+        bad += 1
+    for line in lines[:-1]:
+        if not line or line == _JOURNAL_HEADER[:-1]:
+            continue
+        try:
+            hex_id, written, crc = line.split(b" ")
+            if int(crc, 16) != zlib.crc32(hex_id + b" " + written) or len(crc) != 8:
+                raise ValueError(line)
+            stream_id = bytes.fromhex(hex_id.decode("ascii"))
+            value = int(written)
+        except (ValueError, UnicodeDecodeError):
+            bad += 1
+            continue
+        if value >= streams.get(stream_id, -1):
+            streams[stream_id] = value
+    return streams, bad
+
+
+class AckJournal:
+    """The collector's record of ``written`` per acked stream: ``OUT/.zeroline/acked-streams``.
+
+    Append-only: one entry per stream whose ``written`` moved in a receive round (see
+    :func:`_journal_entry`); the highest value per stream counts. It is rewritten compactly (a
+    temporary file renamed over it) when opened and when it grows past
+    :data:`JOURNAL_COMPACT_BYTES`. A second collector on the same OUT is refused (a lock).
+
+    Args:
+        out_dir: the collector's OUT.
+        fsync: fsync the compacted file and its directory (False under ``--fsync never``).
+
+    Raises:
+        ConfigError: another collector holds the lock.
+        OSError: the directory or the journal cannot be created or read.
+    """
+
+    def __init__(self, out_dir, fsync=True):
+        self.directory = os.path.join(out_dir, STATE_DIR)
+        self.path = os.path.join(self.directory, JOURNAL_NAME)
+        self.fsync = fsync
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        self._lock = os.open(os.path.join(self.directory, "lock"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise ConfigError("another collector uses %s (its acked journal is locked)"
+                              % out_dir) from None
+        self.streams, self.bad_entries_total = load_journal(self.path)
+        self._fd = -1
+        self._tail = b""        # appended but not written yet (a write failed part-way)
+        self.dirty = False
+        self.size = 0
+        self._compacted_size = 0
+        self.compact(self.streams)
+        if self._fd < 0:        # compaction failed (full disk): append to the file as it is
+            self._open()
+
+    def _open(self):
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o600)
+        self.size = os.fstat(self._fd).st_size
+
+    @property
+    def pending(self):
+        """True while entries wait for a failed write to be retried."""
+        return bool(self._tail)
+
+    def append(self, data=b""):
+        """Append entries (and what a failed write left); True once all of it is in the file.
+
+        Raises:
+            OSError: the write failed (what was not written is kept and retried next time;
+                ``filename`` is the journal).
+        """
+        self._tail += data
+        try:
+            while self._tail:
+                count = os.write(self._fd, self._tail)
+                self._tail = self._tail[count:]
+                self.size += count
+                self.dirty = True
+        except OSError as exc:
+            exc.filename = self.path
+            raise
+        return True
+
+    def sync(self):
+        if self.dirty and self._fd >= 0:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                exc.filename = self.path
+                raise
+        self.dirty = False
+
+    def needs_compaction(self):
+        return not self._tail and self.size > max(JOURNAL_COMPACT_BYTES, 2 * self._compacted_size)
+
+    def compact(self, streams):
+        """Rewrite the journal as one entry per stream of ``{stream_id: written}``.
+
+        A failure (full disk) leaves the journal as it was: it keeps growing until a later try
+        succeeds. Returns True when it was rewritten.
+        """
+        temp = self.path + ".tmp"
+        data = _JOURNAL_HEADER + b"".join(_journal_entry(sid, value)
+                                          for sid, value in streams.items())
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, self.path)
+        except OSError:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            return False
+        if self.fsync:
+            self._sync_directory()
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._open()
+        self._compacted_size = self.size
+        self.dirty = False
+        return True
+
+    def _sync_directory(self):
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def close(self):
+        for fd in (self._fd, self._lock):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._lock = -1
 
 
 class Collector:
-    """Receives 3-frame messages of either framing and writes them out.
+    """Receives 3-frame messages of either framing, and acked batches, and writes them out.
 
     Text format goes through the compiled, batched ``Receiver.take_rendered``; the chunks of a
     long line (msgpack framing) are joined back into one line when the last arrives, or written one
     per line after :data:`REASSEMBLY_WAIT_S` (or when :data:`MAX_REASSEMBLY_BYTES` are held, or at
     close). JSON format decodes every message in Python.
+
+    Acked batches (docs/acked-protocol.md) go through ``Receiver.add_batch`` and the same writers,
+    so they give the same lines as the msgpack framing. Each receive round ends in
+    :meth:`_commit`: lines written, then fsync (``fsync="batch"``), then the new ``written``
+    values appended to the journal, then one ack per (peer, stream).
+
+    A write that fails (full disk, ...) never stops the collector: the rendered bytes not written
+    are kept in memory and retried every :data:`WRITE_RETRY_S`; meanwhile nothing more is
+    received (libzmq queues; acked peers get no acks, so their window fills) and ``warn`` is
+    called with ``cannot write PATH: REASON`` once and every :data:`WRITE_REPORT_S`.
 
     Args:
         out_dir: write ``OUT/<tenant>/<service>.log`` (names made safe by :func:`safe_path_part`);
@@ -212,17 +500,24 @@ class Collector:
         max_files: files kept per destination when rotating, the live one included.
         max_open_files: log files kept open at once (least recently written closed first).
         batch_messages: most messages taken from a socket per receive call.
+        fsync: ``"batch"`` (written files and the journal are fsynced before acks are sent),
+            ``"interval"`` (at most every :data:`FSYNC_INTERVAL_S`; acks do not wait) or
+            ``"never"``.
+        warn: a callable taking one line of text, for write errors (default: stderr).
 
     Raises:
         ConfigError: a bad argument.
 
     Counters: ``messages_total``, ``bytes_total`` (payload bytes), ``malformed_total`` and
-    ``malformed_reasons``, ``partial_expired_total`` (groups written without their last chunk).
+    ``malformed_reasons``, ``partial_expired_total`` (groups written without their last chunk),
+    ``acked_batches_total``, ``acked_lines_total`` (records of accepted batches),
+    ``duplicate_batches_total``, ``gap_batches_total``, ``acks_sent_total``,
+    ``write_errors_total`` (error episodes), ``unwritten_bytes`` (given up at close).
     """
 
     def __init__(self, out_dir=None, out=None, fmt="text", context=None, max_size=None,
                  max_files=DEFAULT_MAX_FILES, max_open_files=MAX_OPEN_FILES,
-                 batch_messages=BATCH_MESSAGES):
+                 batch_messages=BATCH_MESSAGES, fsync="interval", warn=None):
         if fmt not in FORMATS:
             raise ConfigError("--format must be text or json, got %r" % (fmt,))
         if (out_dir is None) == (out is None):
@@ -233,6 +528,8 @@ class Collector:
             raise ConfigError("--max-files must be at least 1, got %d" % max_files)
         if max_open_files < 1 or batch_messages < 1:
             raise ConfigError("max_open_files and batch_messages must be at least 1")
+        if fsync not in FSYNC_MODES:
+            raise ConfigError("--fsync must be one of %s, got %r" % (", ".join(FSYNC_MODES), fsync))
         if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise ConfigError("--out %s is not a directory" % out_dir)
         self.out_dir = out_dir
@@ -242,21 +539,48 @@ class Collector:
         self.max_files = max_files
         self.max_open_files = max_open_files
         self.batch_messages = batch_messages
+        self.fsync = fsync
+        self.warn = warn if warn is not None else _warn_stderr
         self._own_context = context is None
         self.context = zmq.Context() if context is None else context
         self.sockets = []
         self.endpoints = []
+        self._acked_sockets = set()
         self._receiver = core.Receiver()
         self._files = collections.OrderedDict()     # (tenant, service) -> LogFile, LRU first
         self._paths = set()
         self._stop = threading.Event()
         self._groups = {}       # (tenant, service, partial id) -> _Group, oldest first
         self._held_bytes = 0
-        self._malformed = dict.fromkeys(MALFORMED_REASONS, 0)    # found here (JSON, reassembly)
+        self._malformed = dict.fromkeys(_REASONS, 0)    # found here (JSON, reassembly, batches)
         self.partial_expired_total = 0
         self.first_message_at = None     # time.monotonic() of the first and last non-empty batch
         self.last_message_at = None
         self._tick = (time.monotonic(), 0)   # time and messages_total at the last interval line
+        # Durability.
+        self._unsynced = set()          # LogFiles written since the last fsync
+        self._unsynced_dirs = set()     # directories that got a new file since then
+        self._synced_at = time.monotonic()
+        # Write errors: rendered bytes not written yet, in order, as (tenant, service, bytes).
+        self._pending = collections.deque()
+        self._retry_at = 0.0
+        self._error_since = None        # monotonic time the current error episode began
+        self._error_reported_at = 0.0
+        self.write_errors_total = 0
+        self.unwritten_bytes = 0
+        # The acked transport.
+        self._journal = None
+        self._streams = {}              # stream id -> _AckedStream
+        self._origin = None             # (stream, seq) of the batch being written
+        self._moved = set()             # streams whose `written` may have moved this round
+        self._unjournaled = set()       # streams whose `written` is not in the journal yet
+        self._acks_due = {}             # (socket, routing id, stream id) -> _AckedStream
+        self._io_held = set()           # streams with an io_hold
+        self.acked_batches_total = 0
+        self.acked_lines_total = 0
+        self.duplicate_batches_total = 0
+        self.gap_batches_total = 0
+        self.acks_sent_total = 0
 
     messages_total = property(lambda self: self._receiver.messages_total)
     bytes_total = property(lambda self: self._receiver.bytes_total)
@@ -267,25 +591,52 @@ class Collector:
 
     @property
     def malformed_reasons(self):
-        """``{reason: count}`` over :data:`zeroline._core_py.MALFORMED_REASONS`."""
+        """``{reason: count}`` over :data:`zeroline._core_py.MALFORMED_REASONS` and the acked
+        transport's ``batch`` and ``ack``."""
         counts = self._receiver.malformed_reasons
         for reason, count in self._malformed.items():
-            counts[reason] += count
+            counts[reason] = counts.get(reason, 0) + count
         return counts
 
+    @property
+    def journal_path(self):
+        """The acked journal's path (None until an acked endpoint is bound)."""
+        return None if self._journal is None else self._journal.path
+
+    def written(self, stream_id):
+        """The highest seq of ``stream_id`` whose lines are all written (None: unknown stream)."""
+        stream = self._streams.get(stream_id)
+        return None if stream is None else stream.written
+
     def bind(self, endpoint, kind="pull"):
-        """Bind a PULL (``kind="pull"``, for push forwarders) or SUB (``"sub"``, subscribed to
-        everything, for pub forwarders) socket. The receive high-water mark is unlimited: libzmq was
-        seen to lose queued messages when a sender disconnects while the receiver is at its HWM.
+        """Bind a PULL (``kind="pull"``, for push forwarders), SUB (``"sub"``, subscribed to
+        everything, for pub forwarders) or ROUTER (``"acked"``, for acked forwarders) socket. The
+        receive high-water mark is unlimited: libzmq was seen to lose queued messages when a
+        sender disconnects while the receiver is at its HWM. The first acked endpoint opens the
+        journal in ``OUT/.zeroline/``.
 
         Raises:
+            ConfigError: an unknown kind; ``"acked"`` without ``out_dir``; the journal is locked
+                by another collector.
             TransportError: the endpoint cannot be bound.
         """
-        sock = self.context.socket(zmq.PULL if kind == "pull" else zmq.SUB)
+        if kind not in KINDS:
+            raise ConfigError("socket kind must be one of %s, got %r" % (", ".join(KINDS), kind))
+        if kind == "acked" and self._journal is None:
+            if self.out_dir is None:
+                raise ConfigError("--bind-acked needs --out DIR (its journal lives there), "
+                                  "not --stdout")
+            self._journal = AckJournal(self.out_dir, fsync=self.fsync != "never")
+            for stream_id, written in self._journal.streams.items():
+                self._streams[stream_id] = _AckedStream(stream_id, written, written)
+        sock = self.context.socket({"pull": zmq.PULL, "sub": zmq.SUB, "acked": zmq.ROUTER}[kind])
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 0)
         if kind == "sub":
             sock.setsockopt(zmq.SUBSCRIBE, b"")
+        elif kind == "acked":
+            # An ack to a peer that is gone (or whose queue is full) is dropped, never raised.
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -294,6 +645,8 @@ class Collector:
                                  endpoint) from None
         self.sockets.append(sock)
         self.endpoints.append(endpoint)
+        if kind == "acked":
+            self._acked_sockets.add(sock)
         return sock
 
     def stop(self):
@@ -303,6 +656,9 @@ class Collector:
     def run(self, until_messages=None, stats_interval_s=0, report=None):
         """Receive and write until :meth:`stop`, or until ``until_messages`` were received.
 
+        After :meth:`stop`, what libzmq already holds is still taken and written, for at most
+        :data:`STOP_DRAIN_S` (until a round finds nothing), and acknowledged.
+
         Args:
             until_messages: return once this many messages were received (None: no limit).
             stats_interval_s: when > 0, call ``report(line)`` with :meth:`interval_line` this often.
@@ -310,15 +666,9 @@ class Collector:
         """
         if not self.sockets:
             raise ConfigError("bind at least one endpoint before run()")
-        recv = self._receiver.recv
-        write = self._write_text if self.fmt == "text" else self._write_json
-        sockets = list(self.sockets)
-        poller = None
-        if len(sockets) > 1:
-            poller = zmq.Poller()
-            for sock in sockets:
-                poller.register(sock, zmq.POLLIN)
-        batch = self.batch_messages
+        poller = zmq.Poller()
+        for sock in self.sockets:
+            poller.register(sock, zmq.POLLIN)
         next_tick = None
         if stats_interval_s > 0 and report is not None:
             self._tick = (time.monotonic(), self.messages_total)
@@ -326,36 +676,188 @@ class Collector:
         while not self._stop.is_set():
             if until_messages is not None and self.messages_total >= until_messages:
                 break
-            if poller is None:
-                got = recv(sockets[0], batch, POLL_MS)
+            if self._pending:
+                # A write failed: receive nothing until it succeeds.
+                self._retry_pending()
+                if self._pending:
+                    self._stop.wait(min(POLL_MS / 1000, max(0.0, self._retry_at
+                                                             - time.monotonic())))
             else:
-                got = 0
-                for sock, _ in poller.poll(POLL_MS):
-                    got += recv(sock, batch, 0)
+                self._round(poller, POLL_MS)
             now = time.monotonic()
-            if got:
-                if self.first_message_at is None:
-                    self.first_message_at = now
-                self.last_message_at = now
-                write()
-                if self.out is not None:
-                    self.out.flush()
             if self._groups:
-                self._expire_groups(time.monotonic() - REASSEMBLY_WAIT_S)
+                self._expire_groups(now - REASSEMBLY_WAIT_S)
+            self._commit(now)
             if next_tick is not None and now >= next_tick:
                 report(self.interval_line(now))
                 next_tick = now + stats_interval_s
+        if self._stop.is_set():
+            # SIGTERM: what libzmq already received is written too, not dropped with the socket.
+            deadline = time.monotonic() + STOP_DRAIN_S
+            while not self._pending and time.monotonic() < deadline:
+                got = self._round(poller, 0)
+                self._commit(time.monotonic())
+                if not got:
+                    break
         self.flush()
 
-    # -- writing ----------------------------------------------------------------------------------
-    def _write_text(self):
-        for tenant, service, data, held in self._receiver.take_rendered():
-            if data:
-                self._emit(tenant, service, data)
-            if held is not None:
-                self._reassemble(tenant, service, held)
+    def _round(self, poller, timeout_ms):
+        # One receive round: PULL/SUB messages first (the receiver's batch must be empty before
+        # an acked batch is added to it), then acked batches one at a time.
+        recv = self._receiver.recv
+        got = 0
+        acked = []
+        for sock, _ in poller.poll(timeout_ms):
+            if sock in self._acked_sockets:
+                acked.append(sock)
+            else:
+                got += recv(sock, self.batch_messages, 0)
+        if got:
+            self._write_entries(self._render())
+        for sock in acked:
+            got += self._take_batches(sock)
+        if got:
+            now = time.monotonic()
+            if self.first_message_at is None:
+                self.first_message_at = now
+            self.last_message_at = now
+            if self.out is not None:
+                self.out.flush()
+        return got
 
-    def _write_json(self):
+    # -- the acked transport ----------------------------------------------------------------------
+    def _take_batches(self, sock):
+        # One Python call per batch (hundreds of lines), bounded per round so that acks go out.
+        taken = size = 0
+        while taken < ACKED_ROUND_BATCHES and size < ACKED_ROUND_BYTES and not self._pending:
+            try:
+                frames = sock.recv_multipart(zmq.DONTWAIT)
+            except zmq.Again:
+                break
+            taken += 1
+            size += len(frames[-1])
+            self._batch(sock, frames)
+        return taken
+
+    def _batch(self, sock, frames):
+        # docs/acked-protocol.md, "Collector rules", for one message [routing id, 6 frames].
+        if len(frames) > 1 and frames[1] == ACK_KIND:
+            self._malformed["ack"] += 1
+            return
+        try:
+            tenant, service, stream_id, seq, body = decode_batch_message(frames[1:])
+        except ProtocolError as exc:
+            self._malformed[exc.reason] += 1
+            return
+        stream = self._streams.get(stream_id)
+        if stream is not None and seq != stream.accepted + 1:
+            # Rule 2 (seq <= accepted: a resend of a batch taken already, written or held) or
+            # rule 4 (a gap): not written; the ack says where the stream stands.
+            if seq <= stream.accepted:
+                self.duplicate_batches_total += 1
+            else:
+                self.gap_batches_total += 1
+            stream.peer = (sock, frames[0])
+            self._acks_due[(sock, frames[0], stream_id)] = stream
+            return
+        # Rule 3: an unknown stream, or the next batch.
+        malformed = self.malformed_total
+        try:
+            records = self._receiver.add_batch(tenant, service, body)
+        except ProtocolError as exc:
+            self._malformed[exc.reason] += 1
+            return
+        entries = self._render()
+        if self.malformed_total != malformed:
+            return          # a record that is not a zeroline record (counted): rule 1
+        if stream is None:
+            stream = self._streams[stream_id] = _AckedStream(stream_id, seq - 1)
+        stream.accepted = seq
+        stream.peer = (sock, frames[0])
+        self._origin = (stream, seq)
+        try:
+            self._write_entries(entries)
+        finally:
+            self._origin = None
+        self.acked_batches_total += 1
+        self.acked_lines_total += records
+        self._moved.add(stream)
+        self._acks_due[(sock, frames[0], stream_id)] = stream
+
+    def _commit(self, now, final=False):
+        # The end of a round: fsync -> journal -> acks, in that order (docs/acked-protocol.md).
+        for stream in self._moved:
+            if stream.update() or stream.journaled is None:
+                self._unjournaled.add(stream)
+                if stream.peer is not None:
+                    self._acks_due[(stream.peer[0], stream.peer[1], stream.stream_id)] = stream
+        self._moved.clear()
+        if self.fsync == "batch" or final:
+            if not self._sync(final):
+                return              # files not on disk: recording or acking them would lie
+        elif self.fsync == "interval" and now - self._synced_at >= FSYNC_INTERVAL_S:
+            self._sync(False)
+        journal = self._journal
+        if journal is None:
+            return
+        if self._unjournaled or journal.pending:
+            entries = b"".join(_journal_entry(s.stream_id, s.written) for s in self._unjournaled)
+            try:
+                journal.append(entries)
+                if self.fsync == "batch" or final:
+                    journal.sync()
+            except OSError as exc:
+                self._write_failed(exc.filename, exc)
+                return              # the entries wait in the journal's tail; acks wait too
+            for stream in self._unjournaled:
+                stream.journaled = stream.written
+            self._unjournaled.clear()
+            self._write_ok()
+            if journal.needs_compaction():
+                if not journal.compact({sid: s.journaled for sid, s in self._streams.items()
+                                        if s.journaled is not None}):
+                    self.warn("warning: cannot compact %s; it keeps growing" % journal.path)
+        if self._acks_due:
+            for (sock, routing_id, stream_id), stream in self._acks_due.items():
+                if sock.closed:
+                    continue
+                try:
+                    sock.send_multipart([routing_id] + encode_ack(stream_id, stream.journaled or 0),
+                                        zmq.DONTWAIT)
+                    self.acks_sent_total += 1
+                except zmq.ZMQError:        # the peer's queue is full: a later ack covers it
+                    pass
+            self._acks_due.clear()
+
+    def _sync(self, final):
+        # fsync every file written since the last sync; False (reported) when one failed.
+        if self.fsync == "never":
+            return True
+        try:
+            for handle in list(self._unsynced):
+                handle.sync()
+                self._unsynced.discard(handle)
+            for directory in list(self._unsynced_dirs):
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self._unsynced_dirs.discard(directory)
+            if self._journal is not None:
+                self._journal.sync()
+        except OSError as exc:
+            self._write_failed(exc.filename or "output", exc)
+            return False
+        self._synced_at = time.monotonic()
+        self._write_ok()
+        return True
+
+    # -- writing ----------------------------------------------------------------------------------
+    def _render(self):
+        # The received messages as (tenant, service, lines, held partial chunk) runs.
+        if self.fmt == "text":
+            return self._receiver.take_rendered()
         runs = {}       # per destination, in arrival order
         for tenant, service, payload in self._receiver.take():
             try:
@@ -364,14 +866,91 @@ class Collector:
                 self._malformed[exc.reason] += 1
                 continue
             runs.setdefault((tenant, service), []).append(line)
-        for (tenant, service), lines in runs.items():
-            self._emit(tenant, service, b"".join(lines))
+        return [(tenant, service, b"".join(lines), None)
+                for (tenant, service), lines in runs.items()]
 
-    def _emit(self, tenant, service, data):
+    def _write_entries(self, entries):
+        for tenant, service, data, held in entries:
+            if data:
+                self._emit(tenant, service, data)
+            if held is not None:
+                self._reassemble(tenant, service, held)
+
+    def _write_text(self):
+        self._write_entries(self._receiver.take_rendered())
+
+    def _write_json(self):
+        self._write_entries(self._render())
+
+    def _emit(self, tenant, service, data, origin=None):
         if self.out is not None:
             self.out.write(data)
+            return
+        if not self._pending:
+            try:
+                handle = self._file(tenant, service)
+                self._unsynced.add(handle)
+                handle.write(data)
+            except OSError as exc:
+                data = data[getattr(exc, "written", 0):]
+                self._pending.append((tenant, service, data))
+                self._write_failed(exc.filename or self._dest_path(tenant, service), exc)
         else:
-            self._file(tenant, service).write(data)
+            self._pending.append((tenant, service, data))
+        if self._pending:
+            # The lines of this batch (or of the batch a joined line started in) are not in the
+            # file: the stream's `written` stays below it until they are.
+            origin = origin or self._origin
+            if origin is not None:
+                stream, seq = origin
+                if stream.io_hold is None or seq < stream.io_hold:
+                    stream.io_hold = seq
+                self._io_held.add(stream)
+
+    def _retry_pending(self, force=False):
+        # Write what a failed write left, in order; True when nothing is left.
+        now = time.monotonic()
+        if not force and now < self._retry_at:
+            return False
+        while self._pending:
+            tenant, service, data = self._pending[0]
+            try:
+                handle = self._file(tenant, service)
+                self._unsynced.add(handle)
+                handle.write(data)
+            except OSError as exc:
+                done = getattr(exc, "written", 0)
+                if done:
+                    self._pending[0] = (tenant, service, data[done:])
+                self._write_failed(exc.filename or self._dest_path(tenant, service), exc)
+                return False
+            self._pending.popleft()
+        self._write_ok()
+        for stream in self._io_held:
+            stream.io_hold = None
+            self._moved.add(stream)
+        self._io_held.clear()
+        return True
+
+    def _write_ok(self):
+        # The end of an error episode (nothing is held any more).
+        if (self._error_since is not None and not self._pending
+                and not (self._journal is not None and self._journal.pending)):
+            self.warn("writing again after %.1f s" % (time.monotonic() - self._error_since))
+            self._error_since = None
+
+    def _write_failed(self, path, exc):
+        now = time.monotonic()
+        self._retry_at = now + WRITE_RETRY_S
+        if self._error_since is None:
+            self._error_since = now
+            self.write_errors_total += 1
+        elif now - self._error_reported_at < WRITE_REPORT_S:
+            return
+        self._error_reported_at = now
+        held = sum(len(item[2]) for item in self._pending)
+        self.warn("error: cannot write %s: %s (holding %d bytes, retrying)"
+                  % (path, exc.strerror or exc, held))
 
     def _reassemble(self, tenant, service, payload):
         # Text output shows a long line as one line once all its chunks are here.
@@ -385,7 +964,10 @@ class Collector:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group(time.monotonic(), tenant, service,
-                                               _text_prefix(record))
+                                               _text_prefix(record), self._origin)
+            if self._origin is not None:
+                # The batch this line started in is not written until the line is.
+                self._origin[0].holds[key] = self._origin[1]
         line = record["line"]
         group.chunks.append(line)
         group.size += len(line)
@@ -393,9 +975,17 @@ class Collector:
         if partial["last"]:
             del self._groups[key]
             self._held_bytes -= group.size
-            self._emit(tenant, service, group.prefix + b"".join(group.chunks) + b"\n")
+            self._emit(tenant, service, group.prefix + b"".join(group.chunks) + b"\n",
+                       group.origin)
+            self._release(key, group)
         elif self._held_bytes > MAX_REASSEMBLY_BYTES:
             self._expire_groups(float("inf"), until_bytes=MAX_REASSEMBLY_BYTES)
+
+    def _release(self, key, group):
+        if group.origin is not None:
+            stream = group.origin[0]
+            stream.holds.pop(key, None)
+            self._moved.add(stream)
 
     def _expire_groups(self, older_than, until_bytes=-1):
         # Oldest first (dicts keep insertion order): write each group's chunks as they are.
@@ -408,7 +998,12 @@ class Collector:
             self._held_bytes -= group.size
             self.partial_expired_total += 1
             self._emit(group.tenant, group.service,
-                       b"".join(group.prefix + chunk + b"\n" for chunk in group.chunks))
+                       b"".join(group.prefix + chunk + b"\n" for chunk in group.chunks),
+                       group.origin)
+            self._release(key, group)
+
+    def _dest_path(self, tenant, service):
+        return os.path.join(self.out_dir, safe_path_part(tenant), safe_path_part(service) + ".log")
 
     def _file(self, tenant, service):
         key = (tenant, service)
@@ -420,13 +1015,18 @@ class Collector:
             self._files.popitem(last=False)[1].close()
         folder = os.path.join(self.out_dir, safe_path_part(tenant))
         path = os.path.join(folder, safe_path_part(service) + ".log")
+        sync = self.fsync != "never"
+        if sync and not os.path.lexists(path):
+            self._unsynced_dirs.add(folder)         # a new name: fsync its directory too
         try:
-            handle = LogFile(path, self.max_size, self.max_files)
+            handle = LogFile(path, self.max_size, self.max_files, sync_on_close=sync)
         except FileNotFoundError:
             # First file of this tenant. (Trying the open first saves a mkdir and a stat on
             # every reopen when more destinations are written than files may stay open.)
             os.makedirs(folder, exist_ok=True)
-            handle = LogFile(path, self.max_size, self.max_files)
+            if sync:
+                self._unsynced_dirs.add(self.out_dir)
+            handle = LogFile(path, self.max_size, self.max_files, sync_on_close=sync)
         self._files[key] = handle
         self._paths.add(handle.path)
         return handle
@@ -441,11 +1041,24 @@ class Collector:
             self.out.flush()
 
     def close(self):
-        """Write incomplete partial groups as they are, close files, sockets and an own context."""
+        """Write incomplete partial groups as they are and what a failed write left (retried for
+        up to :data:`STOP_WRITE_WAIT_S`), fsync, record and acknowledge, then close files, the
+        journal, sockets and an own context."""
         try:
             if self._groups:
                 self._expire_groups(float("inf"))
+            if self._pending:
+                deadline = time.monotonic() + STOP_WRITE_WAIT_S
+                while not self._retry_pending(force=True) and time.monotonic() < deadline:
+                    time.sleep(WRITE_RETRY_S)
+                if self._pending:
+                    self.unwritten_bytes = sum(len(item[2]) for item in self._pending)
+                    self.warn("error: %d bytes could not be written and are lost"
+                              % self.unwritten_bytes)
+                    self._pending.clear()
             self.flush()
+            if self.out_dir is not None:
+                self._commit(time.monotonic(), final=True)
         finally:
             for handle in self._files.values():
                 handle.close()
@@ -453,6 +1066,9 @@ class Collector:
             for sock in self.sockets:
                 sock.close(linger=0)
             self.sockets = []
+            self._acked_sockets.clear()
+            if self._journal is not None:
+                self._journal.close()
             if self._own_context:
                 self.context.term()
                 self._own_context = False
@@ -462,22 +1078,37 @@ class Collector:
         reasons = ", ".join("%s %d" % kv for kv in self.malformed_reasons.items() if kv[1])
         return "%d malformed%s" % (self.malformed_total, " (%s)" % reasons if reasons else "")
 
+    def _acked_text(self):
+        if self._journal is None:
+            return ""
+        return ", acked: %d batches (%d lines), %d duplicate, %d gap, %d acks sent" % (
+            self.acked_batches_total, self.acked_lines_total, self.duplicate_batches_total,
+            self.gap_batches_total, self.acks_sent_total)
+
     def interval_line(self, now=None):
         """One line for ``--stats-interval``: totals and the message rate since the last line."""
         now = time.monotonic() if now is None else now
         since, seen = self._tick
         rate = (self.messages_total - seen) / (now - since) if now > since else 0.0
         self._tick = (now, self.messages_total)
-        return "%d messages, %d bytes, %s, %.0f messages/s" % (
-            self.messages_total, self.bytes_total, self._malformed_text(), rate)
+        return "%d messages, %d bytes, %s%s, %.0f messages/s" % (
+            self.messages_total, self.bytes_total, self._malformed_text(), self._acked_text(),
+            rate)
 
     def stats_line(self):
         """One line for ``--stats``: totals, and the rate from the first to the last batch."""
-        line = "received %d messages (%d payload bytes), %s, %d partial groups incomplete" % (
+        line = "received %d messages (%d payload bytes), %s, %d partial groups incomplete%s" % (
             self.messages_total, self.bytes_total, self._malformed_text(),
-            self.partial_expired_total)
+            self.partial_expired_total, self._acked_text())
+        if self.write_errors_total:
+            line += ", %d write error episodes" % self.write_errors_total
         if self.first_message_at is not None and self.last_message_at > self.first_message_at:
             span = self.last_message_at - self.first_message_at
             line += "; %.3f s first to last batch, %.0f messages/s" % (
                 span, self.messages_total / span)
         return line
+
+
+def _warn_stderr(text):
+    sys.stderr.write("zeroline: %s\n" % text)
+    sys.stderr.flush()
