@@ -187,6 +187,7 @@ class Spool:
         self._journal_size = 0
         self._journal_backlog = bytearray()
         self._read_fds = {}
+        self._retired_fds = []     # write fds of rotated segments awaiting their fdatasync
         self._seg_size = {}        # segment number -> bytes on disk
         self._seg_live = {}        # segment number -> unreleased records in it
         self._next_segment = 1
@@ -616,12 +617,15 @@ class Spool:
         return segment
 
     def _retire_live(self):
-        # The segment is complete: make it durable before moving on, so at most the live segment
-        # can have a torn tail after a power cut.
+        # The segment is complete. Its fdatasync waits for the next periodic sync like the live
+        # segment's: syncing here cost 14 ms every 8 MiB, two thirds of the append time with
+        # 256 KiB bodies. A power cut can then tear a retired segment's tail too; the scan on
+        # open skips that like any corrupt record.
         if self._live_dirty:
-            os.fdatasync(self._live_fd)
+            self._retired_fds.append(self._live_fd)
             self._live_dirty = False
-        os.close(self._live_fd)
+        else:
+            os.close(self._live_fd)
         self._live_fd = -1
         self._live_segment = None
 
@@ -686,6 +690,13 @@ class Spool:
             self._sync()
 
     def _sync(self):
+        retired = self._retired_fds
+        while retired:
+            fd = retired.pop()
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
         if self._live_dirty:
             os.fdatasync(self._live_fd)
             self._live_dirty = False
@@ -733,6 +744,8 @@ class Spool:
         for fd in self._read_fds.values():
             os.close(fd)
         self._read_fds.clear()
+        while self._retired_fds:
+            os.close(self._retired_fds.pop())
         for name in ("_live_fd", "_journal_fd", "_lock_fd"):
             fd = getattr(self, name)
             if fd >= 0:
