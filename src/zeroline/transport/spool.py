@@ -187,7 +187,7 @@ class Spool:
         self._journal_size = 0
         self._journal_backlog = bytearray()
         self._read_fds = {}
-        self._retired_fds = []     # write fds of rotated segments awaiting their fdatasync
+        self._retired_fds = {}     # segment -> write fd of a rotated segment awaiting fdatasync
         self._seg_size = {}        # segment number -> bytes on disk
         self._seg_live = {}        # segment number -> unreleased records in it
         self._next_segment = 1
@@ -622,7 +622,7 @@ class Spool:
         # 256 KiB bodies. A power cut can then tear a retired segment's tail too; the scan on
         # open skips that like any corrupt record.
         if self._live_dirty:
-            self._retired_fds.append(self._live_fd)
+            self._retired_fds[self._live_segment] = self._live_fd
             self._live_dirty = False
         else:
             os.close(self._live_fd)
@@ -674,9 +674,11 @@ class Spool:
                 self._live_fd = -1
                 self._live_segment = None
                 self._live_dirty = False
-            fd = self._read_fds.pop(number, None)
-            if fd is not None:
-                os.close(fd)
+            # Close every fd of it: an unlinked file's space is freed only when the last closes.
+            for fds in (self._read_fds, self._retired_fds):
+                fd = fds.pop(number, None)
+                if fd is not None:
+                    os.close(fd)
             try:
                 os.unlink(self._segment_path(number))
             except FileNotFoundError:
@@ -692,7 +694,7 @@ class Spool:
     def _sync(self):
         retired = self._retired_fds
         while retired:
-            fd = retired.pop()
+            _, fd = retired.popitem()
             try:
                 os.fdatasync(fd)
             finally:
@@ -745,7 +747,7 @@ class Spool:
             os.close(fd)
         self._read_fds.clear()
         while self._retired_fds:
-            os.close(self._retired_fds.pop())
+            os.close(self._retired_fds.popitem()[1])
         for name in ("_live_fd", "_journal_fd", "_lock_fd"):
             fd = getattr(self, name)
             if fd >= 0:
