@@ -437,7 +437,17 @@ def test_full_disk_gives_spool_full_and_stays_consistent(small_tmpfs):
                 appended += 1
         assert appended > 10
         assert spool.records == appended and spool.bytes_used == disk_bytes(path)
-        spool.release(b"a", 10)
+        # Fill what is left, so only the spool's reserve lets the release be recorded.
+        filler = os.open(os.path.join(small_tmpfs, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError):
+                for _ in range(1000):
+                    os.write(filler, b"\0" * 4096)
+        finally:
+            os.close(filler)
+        segments = spool.segments
+        assert spool.release(b"a", 10) == 10
+        assert spool.segments < segments and spool.bytes_used == disk_bytes(path)
         append_n(spool, b"a", 1, size=50000)
     with Spool(path, segment_bytes=256 << 10) as spool:
         assert spool.corrupt_total == 0

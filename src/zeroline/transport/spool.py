@@ -17,6 +17,9 @@ Layout of a spool directory ``PATH``:
     (big-endian; ``header_crc`` is zlib.crc32 of everything from ``body_crc`` to the end of
     ``service``, so it covers ``body_crc`` and therefore the body too). A new segment is started once
     the live one reaches ``segment_bytes``; a segment is deleted when all its records are released.
+``PATH/reserve``
+    64 KiB kept free for the journal: given up when a full disk refuses a journal entry, so acks
+    still free space; made again after the next segment deletion.
 ``PATH/released``
     The release journal: append-only entries ``crc u32 | stream_len u8 | stream_id | seq u64``, each
     "every record of this stream with seq <= seq is acknowledged". Compacted (temp file, fsync,
@@ -35,7 +38,8 @@ content, which the collector then treats as duplicates if it had received the lo
 
 Accounting: ``bytes_used`` is the size of the segment files on disk. Released records in a segment
 that also holds unreleased ones still count until the whole segment is deleted; ``SpoolFull`` is
-about disk use. The small ``lock``, ``instance`` and ``released`` files are not counted.
+about disk use. The small ``lock``, ``instance``, ``reserve`` and ``released`` files are not
+counted.
 """
 
 import collections
@@ -54,6 +58,11 @@ JOURNAL_NAME = "released"
 LOCK_NAME = "lock"
 INSTANCE_NAME = "instance"
 JOURNAL_COMPACT_BYTES = 1 << 20
+RESERVE_NAME = "reserve"
+# Kept on disk and given up when the journal cannot be written for lack of space, so that acks
+# can still be recorded and the segments they empty deleted (records are only deleted after the
+# journal entry that releases them is durable).
+RESERVE_BYTES = 64 << 10
 MAX_SEQ = (1 << 64) - 1
 MAX_STREAM_ID_BYTES = 255
 # Read fds kept open for replay from closed segments (the live one reuses its write fd).
@@ -212,6 +221,7 @@ class Spool:
             self._load_segments()
             self._compact_journal()
             self._delete_empty_segments()
+            self._make_reserve()
         except BaseException:
             self._close_fds()
             raise
@@ -332,6 +342,7 @@ class Spool:
         if seq <= self._released.get(stream_id, 0):
             return 0
         self._released[stream_id] = seq
+        had_backlog = bool(self._journal_backlog)
         self._journal_backlog += _encode_journal(stream_id, seq)
         self._write_journal_backlog()
         released = 0
@@ -354,7 +365,7 @@ class Spool:
             unsent.popleft()
         self.records -= released
         self.released_total += released
-        if emptied:
+        if emptied or had_backlog:
             self._delete_empty_segments()
         if self._journal_size > JOURNAL_COMPACT_BYTES and not self._journal_backlog:
             self._compact_journal()
@@ -640,27 +651,59 @@ class Spool:
         backlog = self._journal_backlog
         if not backlog:
             return True
-        try:
-            done = 0
-            while done < len(backlog):
-                done += os.write(self._journal_fd, backlog[done:])
-        except OSError:
-            # Disk full: cut the fragment off, keep the entries in memory and retry on the next
-            # release or flush. Segments are not deleted meanwhile (their seqs are not durable).
+        for attempt in (1, 2):
             try:
-                os.ftruncate(self._journal_fd, self._journal_size)
-            except OSError:
-                pass
-            return False
+                done = 0
+                while done < len(backlog):
+                    done += os.write(self._journal_fd, backlog[done:])
+                break
+            except OSError as exc:
+                try:
+                    os.ftruncate(self._journal_fd, self._journal_size)
+                except OSError:
+                    pass
+                if attempt == 1 and exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+                        and self._drop_reserve():
+                    continue
+                # Keep the entries in memory and retry on the next release or flush. Segments
+                # are not deleted meanwhile (the seqs in them are not recorded elsewhere).
+                return False
         self._journal_size += len(backlog)
         self._journal_dirty = True
         backlog.clear()
         return True
 
+    def _make_reserve(self):
+        reserve_path = os.path.join(self.path, RESERVE_NAME)
+        try:
+            if os.path.getsize(reserve_path) >= RESERVE_BYTES:
+                return
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError:
+            # No room yet: try again after the next segment deletion frees some.
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+
+    def _drop_reserve(self):
+        try:
+            os.unlink(os.path.join(self.path, RESERVE_NAME))
+            return True
+        except OSError:
+            return False
+
     def _delete_empty_segments(self):
         empty = [n for n, live in self._seg_live.items() if live == 0]
         if not empty or self._journal_backlog:
             return
+        deleted = False
         # The releases that emptied these segments must be durable before the records go, or a
         # power cut could make next_seq hand out a seq again.
         if self._journal_dirty:
@@ -685,6 +728,9 @@ class Spool:
                 pass
             self.bytes_used -= self._seg_size.pop(number)
             del self._seg_live[number]
+            deleted = True
+        if deleted:
+            self._make_reserve()
 
     def _maybe_sync(self):
         interval = self.sync_interval_s
