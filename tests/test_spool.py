@@ -1,4 +1,4 @@
-"""Tests of the disk spool: round trips, restarts, the lock, torn and corrupt records, full disks."""
+"""Tests of the disk spool: round trips, restarts, the lock, torn and corrupt records, full disk."""
 
 import os
 import shutil

@@ -15,26 +15,33 @@ Layout of a spool directory ``PATH``:
         | stream_len u8 | tenant_len u16 | service_len u16 | stream_id | tenant | service | body
 
     (big-endian; ``header_crc`` is zlib.crc32 of everything from ``body_crc`` to the end of
-    ``service``, so it covers ``body_crc`` and therefore the body too). A new segment is started once
-    the live one reaches ``segment_bytes``; a segment is deleted when all its records are released.
+    ``service``, so it covers the body too). A new segment is started when a record would take the
+    live one past ``segment_bytes``; a segment is deleted when all its records are released.
 ``PATH/reserve``
     64 KiB kept free for the journal: given up when a full disk refuses a journal entry, so acks
     still free space; made again after the next segment deletion.
 ``PATH/released``
-    The release journal: append-only entries ``crc u32 | stream_len u8 | stream_id | seq u64``, each
-    "every record of this stream with seq <= seq is acknowledged". Compacted (temp file, fsync,
-    rename, fsync of the directory) on open and when it grows past ``JOURNAL_COMPACT_BYTES``.
+    The release journal: append-only entries ``crc u32 | stream_len u8 | stream_id | seq u64``,
+    each "every record of this stream with seq <= seq is acknowledged". Compacted (temp file,
+    fsync, rename, fsync of the directory) on open and when it grows past JOURNAL_COMPACT_BYTES.
 
 Durability: records and journal entries reach the page cache in the call that makes them, so a
-``kill -9`` loses nothing that was appended or released. ``fdatasync`` runs at most every
-``sync_interval_s`` from within append/release (0: on every call), and on flush/close, so a power cut
-can lose at most the last interval: torn or lost records are detected by their checksums on the next
-open, counted in ``corrupt_total``/``corrupt_bytes_total`` and skipped; a torn tail of the last
-segment is truncated away. The journal is always fdatasynced before a segment is deleted, so a seq
-that was released can never be handed out again by ``next_seq`` (a released record's seq is known
-from the journal once its segment is gone). A power cut may, however, lose records (and therefore
-seqs) of the last interval that were already sent; a later process reuses those seqs for new
-content, which the collector then treats as duplicates if it had received the lost ones.
+``kill -9`` loses nothing that was appended or released. ``fdatasync`` (of the live segment, of
+segments rotated since, and of the journal) runs at most every ``sync_interval_s`` from within
+append/release (0: on every call), and on flush/close, so a power cut can lose at most the last
+interval. Torn or damaged records are detected by their checksums on the next open, counted in
+``corrupt_total``/``corrupt_bytes_total`` and skipped (the scan resyncs on the next valid record);
+a torn tail of the last segment is truncated away so appends continue after the last good record.
+The journal is fdatasynced before any segment is deleted, so ``next_seq`` never goes back to a seq
+that was released. Two limits the acked protocol has to live with: records lost to a power cut
+free their seqs, which a later process uses again for new content (a collector that had received
+the lost ones drops the new ones as duplicates); and a record skipped as corrupt in the middle of
+a stream leaves a gap that the collector will not write past.
+
+Seqs: per stream, each append must use a seq above every seq appended or released before (use
+``next_seq``); release is cumulative. ``next_unsent`` hands out each unreleased record once per
+process, in append order (records released before being handed out are skipped); resending what
+was handed out and not acknowledged is the caller's business.
 
 Accounting: ``bytes_used`` is the size of the segment files on disk. Released records in a segment
 that also holds unreleased ones still count until the whole segment is deleted; ``SpoolFull`` is
@@ -738,22 +745,26 @@ class Spool:
             self._sync()
 
     def _sync(self):
-        retired = self._retired_fds
-        while retired:
-            _, fd = retired.popitem()
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-        if self._live_dirty:
-            os.fdatasync(self._live_fd)
-            self._live_dirty = False
-        if self._dir_dirty:
-            _fsync_dir(self.path)
-            self._dir_dirty = False
-        if self._journal_dirty:
-            os.fdatasync(self._journal_fd)
-            self._journal_dirty = False
+        try:
+            retired = self._retired_fds
+            while retired:
+                _, fd = retired.popitem()
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            if self._live_dirty:
+                os.fdatasync(self._live_fd)
+                self._live_dirty = False
+            if self._dir_dirty:
+                _fsync_dir(self.path)
+                self._dir_dirty = False
+            if self._journal_dirty:
+                os.fdatasync(self._journal_fd)
+                self._journal_dirty = False
+        except OSError as exc:
+            # EIO and the like: the kernel may have dropped the dirty pages, nothing to retry.
+            raise SpoolError("cannot sync spool-dir %s: %s" % (self.path, exc.strerror)) from exc
         self._last_sync = time.monotonic()
 
     # -- reading ------------------------------------------------------------------------------
