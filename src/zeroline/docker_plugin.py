@@ -431,6 +431,10 @@ class Plugin:
         except ConnectionResetError:
             # The daemon hung up (docker logs -f ended): nothing to answer.
             return response
+        except OSError as exc:
+            # The copy went away under us (removed, rotated past): the status line is sent, so
+            # ending the stream is the only answer left.
+            _log("ReadLogs for %s: %s" % (info.short_id, exc.strerror or exc))
         await response.write_eof()
         return response
 
