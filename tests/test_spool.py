@@ -316,6 +316,23 @@ def test_torn_tail_is_truncated_counted_and_appends_continue(tmp_path):
             assert all(r.body == body_for(b"a", r.seq, 64) for r in replay)
 
 
+def test_torn_tail_of_a_rotated_segment_is_skipped(tmp_path):
+    # A power cut can tear a segment rotated since the last sync, not only the live one.
+    with Spool(tmp_path, segment_bytes=400) as spool:
+        append_n(spool, b"a", 6)
+        first = [e for e in spool._unsent if e.segment == spool._unsent[0].segment]
+    names = seg_files(tmp_path)
+    assert len(names) >= 2 and len(first) >= 2
+    with open(tmp_path / names[0], "r+b") as f:
+        f.truncate(first[-1].offset + 20)
+    with Spool(tmp_path, segment_bytes=400) as spool:
+        assert spool.corrupt_total == 1 and spool.corrupt_bytes_total == 20
+        assert spool.bytes_used == disk_bytes(tmp_path)
+        append_n(spool, b"a", 1)
+        torn = first[-1].seq
+        assert [r.seq for r in drain(spool)] == [q for q in range(1, 8) if q != torn]
+
+
 def test_corrupt_middle_record_is_skipped_and_counted(tmp_path):
     master = tmp_path / "master"
     segment, offsets, size = _three_records(master)
@@ -364,7 +381,7 @@ KILLED_WRITER = """
 import sys
 from zeroline.transport.spool import Spool
 spool = Spool(sys.argv[1], segment_bytes=1 << 20, sync_interval_s=0.05)
-for seq in range(1, 20001):
+for seq in range(1, 5001):
     unit = b"a:%d;" % seq
     size = 1000 + (seq * 7919) % 60000
     spool.append(b"a", seq, b"t", b"s", (unit * (size // len(unit) + 1))[:size], seq)
