@@ -824,13 +824,12 @@ def prepare_socket_path(path):
     except ConnectionRefusedError:
         os.unlink(path)             # a socket nobody listens on: left by a run that died
         return
+    except TimeoutError:
+        pass                        # a full backlog: a live listener too
     except OSError as exc:
-        # A full backlog (timeout) is a live listener too; EACCES means we cannot tell.
-        if isinstance(exc, TimeoutError):
-            exc = OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
-        else:
-            raise TransportError("cannot use socket path %s: %s" % (path, exc.strerror),
-                                 exc.errno or 0, path) from None
+        # EACCES and the like: we cannot tell whether it is in use, so it is not ours to take.
+        raise TransportError("cannot use socket path %s: %s" % (path, exc.strerror),
+                             exc.errno or 0, path) from None
     finally:
         probe.close()
     raise TransportError("another process is listening on %s (a zeroline plugin already "
