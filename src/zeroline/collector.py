@@ -49,6 +49,10 @@ WRITE_REPORT_S = 10.0
 #: round finds nothing), and wait this long at most for a failing write to succeed.
 STOP_DRAIN_S = 1.0
 STOP_WRITE_WAIT_S = 10.0
+#: A drain round ends when nothing arrived for this long (what the kernel still buffers for the
+#: socket reaches libzmq's queue within it); and the last acks get this long to leave at close.
+STOP_DRAIN_POLL_MS = 20
+ACK_LINGER_MS = 500
 #: The acked transport's journal of written sequence numbers, in OUT/.zeroline/.
 STATE_DIR = ".zeroline"
 JOURNAL_NAME = "acked-streams"
@@ -695,7 +699,7 @@ class Collector:
             # SIGTERM: what libzmq already received is written too, not dropped with the socket.
             deadline = time.monotonic() + STOP_DRAIN_S
             while not self._pending and time.monotonic() < deadline:
-                got = self._round(poller, 0)
+                got = self._round(poller, STOP_DRAIN_POLL_MS)
                 self._commit(time.monotonic())
                 if not got:
                     break
@@ -1064,7 +1068,7 @@ class Collector:
                 handle.close()
             self._files.clear()
             for sock in self.sockets:
-                sock.close(linger=0)
+                sock.close(linger=ACK_LINGER_MS if sock in self._acked_sockets else 0)
             self.sockets = []
             self._acked_sockets.clear()
             if self._journal is not None:
