@@ -5,6 +5,8 @@
 # partial_log_metadata 5 (message: last 1 bool, id 2 string, ordinal 3 int32), attrs 6 (skipped).
 # Defaults are left out by the encoder; unknown fields are skipped by wire type.
 
+from libc.string cimport memcmp, memset
+
 ctypedef struct zl_entry:
     const char *source
     size_t source_len
@@ -19,6 +21,27 @@ ctypedef struct zl_entry:
 
 cdef enum:
     CARRY_KEEP_BYTES = 32 * 1024    # a copier entry is at most ~16.5 KB: keep room for one
+
+# Partial groups Docker leaves open (an unterminated last line ends with last=false): tracked per
+# source so close() can close them; limits as in _logentry_py (MAX_OPEN_GROUPS, ...).
+cdef enum:
+    OPEN_GROUPS = 4
+    GROUP_SOURCE_BYTES = 32
+    GROUP_ID_BYTES = 64
+
+cdef enum:
+    NOT_FRAMED = -1                 # zl_open_group.index: the ring buffer dropped that chunk
+
+ctypedef struct zl_open_group:
+    bint open
+    char source[GROUP_SOURCE_BYTES]
+    size_t source_len
+    char id[GROUP_ID_BYTES]
+    size_t id_len
+    int64_t time_nano
+    int32_t ordinal
+    int64_t index                   # its place in messages_total order, or NOT_FRAMED
+    uint64_t seq                    # entries_total when it arrived: close() goes in this order
 
 cdef enum:
     ENTRY_OK = 0
@@ -181,6 +204,7 @@ cdef class EntryStream(Stream):
     cdef readonly uint64_t discarded_bytes_total
     cdef int _error_code
     cdef uint64_t _error_value
+    cdef zl_open_group _groups[OPEN_GROUPS]
 
     def __cinit__(self):
         self._carry.data = NULL
@@ -208,6 +232,7 @@ cdef class EntryStream(Stream):
         self.truncated_total = self.discarded_bytes_total = 0
         self._error_code = 0
         self._error_value = 0
+        memset(self._groups, 0, sizeof(self._groups))
 
     def __dealloc__(self):
         free(self._carry.data)
@@ -253,12 +278,82 @@ cdef class EntryStream(Stream):
             return "stream ended inside an entry (%d bytes dropped)" % value
         return "malformed entry skipped: %s" % ENTRY_ERRORS[code]
 
+    cdef void _track_group(self, zl_entry *e, bint framed) noexcept nogil:
+        # Remembers the last chunk of each source's open group (the twin's _track_group).
+        cdef int i, slot = -1, free_slot = -1
+        cdef zl_open_group *g
+        if e.source_len > GROUP_SOURCE_BYTES:
+            return
+        for i in range(OPEN_GROUPS):
+            g = &self._groups[i]
+            if g.open and g.source_len == e.source_len and \
+                    memcmp(g.source, e.source, e.source_len) == 0:
+                slot = i
+            elif not g.open and free_slot < 0:
+                free_slot = i
+        if not e.has_meta or e.last or e.id_len > GROUP_ID_BYTES:
+            if slot >= 0:
+                self._groups[slot].open = False     # a complete line: nothing of it is open
+            return
+        if slot < 0:
+            if free_slot < 0:
+                return
+            slot = free_slot
+        g = &self._groups[slot]
+        g.open = True
+        memcpy(g.source, e.source, e.source_len)
+        g.source_len = e.source_len
+        memcpy(g.id, e.id, e.id_len)
+        g.id_len = e.id_len
+        g.time_nano = e.time_nano
+        g.ordinal = e.ordinal
+        g.index = <int64_t>self._fr.messages_total - 1 if framed else NOT_FRAMED
+        g.seq = self.entries_total
+
+    cdef int _close_groups(self) except -1 nogil:
+        # EOF: closes every open group, oldest chunk first. A final chunk still pending gets
+        # last=true in place (msgpack: the byte just before the attrs tail is its last flag);
+        # otherwise an empty chunk with the next ordinal and last=true follows. Seed payloads
+        # carry no metadata, so there is nothing to close.
+        cdef int i, best
+        cdef zl_open_group *g
+        cdef int64_t first_pending
+        cdef uint64_t k
+        cdef size_t pos
+        cdef char *flag
+        while True:
+            best = -1
+            for i in range(OPEN_GROUPS):
+                if self._groups[i].open and (best < 0 or
+                                             self._groups[i].seq < self._groups[best].seq):
+                    best = i
+            if best < 0:
+                return 0
+            g = &self._groups[best]
+            g.open = False
+            if self._fr.framing == FRAMING_SEED:
+                continue
+            first_pending = <int64_t>(self._fr.messages_total - self._fr.pending_count)
+            if g.index != NOT_FRAMED and g.index >= first_pending:
+                pos = self._fr.pending.head
+                k = <uint64_t>(g.index - first_pending)
+                while k:
+                    pos += 8 + _get_u32(self._fr.pending.data + pos)
+                    k -= 1
+                flag = self._fr.pending.data + pos + 8 + _get_u32(self._fr.pending.data + pos) \
+                    - self._fr.attrs_len - 1
+                flag[0] = <char>0xc3
+            else:
+                _frame_message(&self._fr, EMPTY, 0, g.time_nano, g.source, g.source_len, g.id,
+                               g.id_len, <int32_t>(<uint32_t>g.ordinal + 1), True)
+
     cdef int _take_frames(self, const char *data, size_t size, size_t *used) except -1 nogil:
         # Decodes every complete frame at the start of data; *used = bytes consumed.
         cdef size_t pos = 0, length
         cdef zl_entry e
         cdef int rc
         cdef char *p
+        cdef uint64_t framed_before
         while size - pos >= 4:
             length = _get_be32(data + pos)
             if length > self._max_entry:
@@ -280,9 +375,11 @@ cdef class EntryStream(Stream):
                 self.line_bytes_total += e.line_len
                 if e.has_meta:
                     self.partial_entries_total += 1
+                framed_before = self._fr.messages_total
                 _frame_message(&self._fr, e.line, e.line_len, e.time_nano, e.source,
                                e.source_len, e.id if e.has_meta else NULL, e.id_len, e.ordinal,
                                e.last)
+                self._track_group(&e, self._fr.messages_total != framed_before)
                 if self._keep_local:
                     _buf_reserve(&self._local, length + 8)
                     p = self._local.data + self._local.length
@@ -347,6 +444,7 @@ cdef class EntryStream(Stream):
         return <Py_ssize_t>(self._fr.messages_total - before)
 
     cdef Py_ssize_t close_raw(self, int64_t time_nano) except -1 nogil:
+        cdef uint64_t before = self._fr.messages_total
         if self._entries_closed:
             return 0
         self._entries_closed = True
@@ -355,7 +453,8 @@ cdef class EntryStream(Stream):
             self._error_code = -2
             self._error_value = self._carry.length - self._carry.head
         _buf_reset(&self._carry)
-        return 0
+        self._close_groups()
+        return <Py_ssize_t>(self._fr.messages_total - before)
 
     def feed(self, data, time_nano=-1):
         """Decode the complete frames in ``data`` (a frame may span feeds); returns messages queued.
@@ -365,7 +464,8 @@ cdef class EntryStream(Stream):
         return Stream.feed(self, data, -1)
 
     def close(self, time_nano=-1):
-        """EOF: a frame cut short is counted as truncated. Returns 0 (entries need no flush)."""
+        """EOF: a frame cut short is counted as truncated; open partial groups are closed (as
+        _logentry_py.EntryStream.close). Returns how many messages were queued."""
         return Stream.close(self, -1)
 
     def take_local(self):

@@ -191,3 +191,96 @@ def test_non_blocking_ring_drops_entries_exactly(pb2, impl):
     data = b"".join(frame(make_entry(pb2, "stdout", 1, b"x" * 4)) for _ in range(5))
     s.feed(data)
     assert (s.pending_messages, s.dropped_total, s.dropped_bytes_total) == (2, 3, 12)
+
+
+# -- closing the partial groups Docker leaves open (an unterminated last line: last=false) -----
+
+GID = "f" * 64
+
+
+def records(s):
+    return [msgpack.unpackb(m[2]) for m in s.take()]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_close_marks_a_still_pending_final_chunk_last(pb2, impl):
+    s = impl.EntryStream(framing="msgpack", container_id="c", attrs={"k": "v"}, keep_local=True)
+    entry = make_entry(pb2, "stdout", 9, b"abc", (False, GID, 1))
+    assert s.feed(frame(entry)) == 1
+    assert s.close() == 0
+    assert [(r["line"], r["time_nano"], r["partial"], r["attrs"]) for r in records(s)] == [
+        (b"abc", 9, {"id": GID, "ordinal": 1, "last": True}, {"k": "v"})]
+    # The local copy (docker logs) keeps the engine's bytes.
+    assert s.take_local() == frame(entry) + struct.pack(">I", len(entry))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_close_follows_a_sent_final_chunk_with_an_empty_last_one(pb2, impl):
+    s = impl.EntryStream(framing="msgpack", container_id="c")
+    s.feed(frame(make_entry(pb2, "stderr", 9, b"x" * 16384, (False, GID, 1)))
+           + frame(make_entry(pb2, "stderr", 9, b"tail", (False, GID, 2))))
+    assert [r["partial"]["last"] for r in records(s)] == [False, False]
+    assert s.close() == 1
+    assert [(r["source"], r["line"], r["time_nano"], r["partial"]) for r in records(s)] == [
+        ("stderr", b"", 9, {"id": GID, "ordinal": 3, "last": True})]
+    assert s.close() == 0               # once only
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_close_ends_each_sources_group_and_leaves_finished_ones_alone(pb2, impl):
+    s = impl.EntryStream(framing="msgpack", container_id="c")
+    other = "e" * 64
+    s.feed(frame(make_entry(pb2, "stderr", 1, b"err", (False, other, 1)))
+           + frame(make_entry(pb2, "stdout", 2, b"a", (False, GID, 1)))
+           + frame(make_entry(pb2, "stdout", 2, b"b", (True, GID, 2)))      # closed by Docker
+           + frame(make_entry(pb2, "stdout", 3, b"c", (False, "d" * 64, 1))))
+    s.take()
+    assert s.close() == 2
+    assert [(r["source"], r["partial"]) for r in records(s)] == [
+        ("stderr", {"id": other, "ordinal": 2, "last": True}),
+        ("stdout", {"id": "d" * 64, "ordinal": 2, "last": True})]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_close_after_a_dropped_final_chunk_sends_the_closing_chunk(pb2, impl):
+    s = impl.EntryStream(framing="msgpack", container_id="c", max_pending_bytes=4)
+    s.feed(frame(make_entry(pb2, "stdout", 1, b"full"))
+           + frame(make_entry(pb2, "stdout", 5, b"dropped", (False, GID, 1))))
+    assert s.dropped_total == 1
+    s.take()
+    assert s.close() == 1
+    assert [(r["line"], r["partial"]) for r in records(s)] == [
+        (b"", {"id": GID, "ordinal": 2, "last": True})]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_close_changes_nothing_with_seed_framing(pb2, impl):
+    s = impl.EntryStream(container_id="c")
+    s.feed(frame(make_entry(pb2, "stdout", 1, b"abc", (False, GID, 1))))
+    assert s.close() == 0
+    assert [m[2] for m in s.take()] == [b"c: abc"]
+
+
+@pytest.mark.skipif(compiled is None, reason="the compiled core is not built")
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(entries, max_size=10), seed=st.integers(0, 2**32),
+       ring=st.sampled_from([-1, 200]))
+def test_compiled_and_twin_close_groups_identically(pb2, values, seed, ring):
+    # Takes at random points (or never), so a group's final chunk may be pending or gone at close.
+    rng = random.Random(seed)
+    data = b"".join(frame(make_entry(pb2, *v)) for v in values)
+    chunks = random_chunks(data, rng) if len(data) > 1 else [data]
+    takes = [rng.random() < 0.5 for _ in chunks]
+
+    def run(impl):
+        s = impl.EntryStream(framing="msgpack", container_id="cid", container_name="/n",
+                             attrs={"a": "b"}, max_pending_bytes=ring)
+        out = []
+        for chunk, take in zip(chunks, takes):
+            s.feed(chunk)
+            if take:
+                out += s.take()
+        out.append(s.close())
+        return out + s.take()
+
+    assert run(compiled) == run(_logentry_py)

@@ -20,6 +20,13 @@ from .errors import ProtocolError
 #: plugin) refuse more than this. Copier entries stay under ~16.5 KB.
 MAX_ENTRY_BYTES = 1_000_000
 
+#: Partial groups left open are tracked for at most this many sources per stream (Docker has two:
+#: stdout and stderr), with sources up to MAX_GROUP_SOURCE_BYTES and ids up to MAX_GROUP_ID_BYTES
+#: (Docker's are 64); anything beyond is forwarded as it came and not closed at EOF.
+MAX_OPEN_GROUPS = 4
+MAX_GROUP_SOURCE_BYTES = 32
+MAX_GROUP_ID_BYTES = 64
+
 _LEN = struct.Struct(">I")
 _MASK64 = (1 << 64) - 1
 
@@ -159,6 +166,13 @@ class EntryStream(Stream):
     everything after it is counted in ``discarded_bytes_total`` and dropped until EOF, while what
     was accepted before is kept. Text cut short at EOF counts as one truncated entry.
 
+    Docker never closes the partial group of an unterminated last line (its final chunk says
+    ``last=false``). :meth:`close` closes every group still open, in what is forwarded only (the
+    local copy keeps the engine's bytes): a final chunk still pending gets ``last=true``; one that
+    already went out (or was dropped) is followed by an empty chunk of the group with the next
+    ordinal and ``last=true``. With seed framing, which does not carry the metadata, nothing is
+    changed or added.
+
     Args:
         framing, tenant, service, container_id, container_name, attrs, max_pending_bytes:
             as :class:`zeroline.core.Stream`.
@@ -189,6 +203,8 @@ class EntryStream(Stream):
         self.discarded_bytes_total = 0
         self.corrupt = False
         self.last_error = ""
+        # source -> [message, index in messages_total order or None when dropped, entry number]
+        self._open_groups = {}
 
     lines_total = property(lambda self: self.entries_total)
     bytes_total = property(lambda self: self.entry_bytes_total)
@@ -213,7 +229,7 @@ class EntryStream(Stream):
             return 0
         self._buf += data
         buf = self._buf
-        messages = []
+        queued_total = 0
         pos = 0
         while len(buf) - pos >= 4:
             (size,) = _LEN.unpack_from(buf, pos)
@@ -240,14 +256,51 @@ class EntryStream(Stream):
             self.line_bytes_total += len(message.line)
             if message.partial is not None:
                 self.partial_entries_total += 1
-            messages.append(message)
+            # Queued one by one: whether the ring buffer dropped a group's chunk decides how
+            # close() ends that group.
+            queued = self._queue([message])
+            queued_total += queued
+            self._track_group(message, self.messages_total - 1 if queued else None)
             if self.keep_local:
                 self._local += _LEN.pack(size) + entry + _LEN.pack(size)
         del buf[:pos]
-        return self._queue(messages)
+        return queued_total
+
+    def _track_group(self, message, index):
+        groups = self._open_groups
+        key = message.source
+        if len(key.encode("utf-8")) > MAX_GROUP_SOURCE_BYTES:
+            return
+        partial = message.partial
+        if partial is None or partial.last or len(partial.id.encode("utf-8")) > MAX_GROUP_ID_BYTES:
+            groups.pop(key, None)       # a complete line: no group of this source is open
+            return
+        if key not in groups and len(groups) >= MAX_OPEN_GROUPS:
+            return
+        groups[key] = [message, index, self.entries_total]
+
+    def _close_groups(self):
+        queued = 0
+        groups = sorted(self._open_groups.values(), key=lambda group: group[2])
+        self._open_groups = {}
+        if self._framer.framing == "seed":
+            return 0                    # seed payloads carry no metadata: nothing to close
+        for message, index, _ in groups:
+            first_pending = self.messages_total - len(self._pending)
+            partial = message.partial
+            if index is not None and index >= first_pending:
+                closed = message._replace(partial=partial._replace(last=True))
+                self._pending[index - first_pending] = (self._framer.payload(closed),
+                                                        len(message.line))
+            else:
+                queued += self._queue([Message(b"", message.source, message.time_nano,
+                                               Partial(partial.id, _signed32(partial.ordinal + 1),
+                                                       True))])
+        return queued
 
     def close(self, time_nano=-1):
-        """EOF: a frame cut short is counted as truncated. Returns 0 (entries need no flush)."""
+        """EOF: a frame cut short is counted as truncated; partial groups still open are closed
+        (see the class). Returns how many messages were queued. ``time_nano`` is ignored."""
         if self._entry_closed:
             return 0
         self._entry_closed = True
@@ -255,7 +308,7 @@ class EntryStream(Stream):
             self.truncated_total += 1
             self.last_error = "stream ended inside an entry (%d bytes dropped)" % len(self._buf)
         self._buf.clear()
-        return 0
+        return self._close_groups()
 
     def take_local(self):
         """Remove and return the accepted entries as local-format records."""
