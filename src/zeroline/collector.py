@@ -347,8 +347,9 @@ def load_journal(path):
 class AckJournal:
     """The collector's record of ``written`` per acked stream: ``OUT/.zeroline/acked-streams``.
 
-    Append-only: one entry per stream whose ``written`` moved in a receive round (see
-    :func:`_journal_entry`); the highest value per stream counts. It is rewritten compactly (a
+    Append-only: an entry per stream whose ``written`` moved, after each batch (after each receive
+    round's fsync under ``--fsync batch``; see :func:`_journal_entry`); the highest value per
+    stream counts. It is rewritten compactly (a
     temporary file renamed over it) when opened and when it grows past
     :data:`JOURNAL_COMPACT_BYTES`. A second collector on the same OUT is refused (a lock).
 
@@ -485,9 +486,9 @@ class Collector:
     close). JSON format decodes every message in Python.
 
     Acked batches (docs/acked-protocol.md) go through ``Receiver.add_batch`` and the same writers,
-    so they give the same lines as the msgpack framing. Each receive round ends in
-    :meth:`_commit`: lines written, then fsync (``fsync="batch"``), then the new ``written``
-    values appended to the journal, then one ack per (peer, stream).
+    so they give the same lines as the msgpack framing. Each batch's new ``written`` is appended
+    to the journal once its lines are written; each receive round ends in :meth:`_commit`: fsync
+    (``fsync="batch"``, and only then the journal), then one ack per (peer, stream).
 
     A write that fails (full disk, ...) never stops the collector: the rendered bytes not written
     are kept in memory and retried every :data:`WRITE_RETRY_S`; meanwhile nothing more is
@@ -741,6 +742,12 @@ class Collector:
             taken += 1
             size += len(frames[-1])
             self._batch(sock, frames)
+            if self.fsync != "batch":
+                # Record `written` right after each batch's lines, not at the end of the round:
+                # a collector killed in between writes at most that one batch again when it is
+                # resent. (Under --fsync batch the journal must wait for the round's fsync.)
+                self._update_streams()
+                self._record(False)
         return taken
 
     def _batch(self, sock, frames):
@@ -790,37 +797,14 @@ class Collector:
 
     def _commit(self, now, final=False):
         # The end of a round: fsync -> journal -> acks, in that order (docs/acked-protocol.md).
-        for stream in self._moved:
-            if stream.update() or stream.journaled is None:
-                self._unjournaled.add(stream)
-                if stream.peer is not None:
-                    self._acks_due[(stream.peer[0], stream.peer[1], stream.stream_id)] = stream
-        self._moved.clear()
+        self._update_streams()
         if self.fsync == "batch" or final:
             if not self._sync(final):
                 return              # files not on disk: recording or acking them would lie
         elif self.fsync == "interval" and now - self._synced_at >= FSYNC_INTERVAL_S:
             self._sync(False)
-        journal = self._journal
-        if journal is None:
-            return
-        if self._unjournaled or journal.pending:
-            entries = b"".join(_journal_entry(s.stream_id, s.written) for s in self._unjournaled)
-            try:
-                journal.append(entries)
-                if self.fsync == "batch" or final:
-                    journal.sync()
-            except OSError as exc:
-                self._write_failed(exc.filename, exc)
-                return              # the entries wait in the journal's tail; acks wait too
-            for stream in self._unjournaled:
-                stream.journaled = stream.written
-            self._unjournaled.clear()
-            self._write_ok()
-            if journal.needs_compaction():
-                if not journal.compact({sid: s.journaled for sid, s in self._streams.items()
-                                        if s.journaled is not None}):
-                    self.warn("warning: cannot compact %s; it keeps growing" % journal.path)
+        if self._journal is None or not self._record(self.fsync == "batch" or final):
+            return                  # the entries wait in the journal's tail; acks wait too
         if self._acks_due:
             for (sock, routing_id, stream_id), stream in self._acks_due.items():
                 if sock.closed:
@@ -832,6 +816,36 @@ class Collector:
                 except zmq.ZMQError:        # the peer's queue is full: a later ack covers it
                     pass
             self._acks_due.clear()
+
+    def _update_streams(self):
+        for stream in self._moved:
+            if stream.update() or stream.journaled is None:
+                self._unjournaled.add(stream)
+                if stream.peer is not None:
+                    self._acks_due[(stream.peer[0], stream.peer[1], stream.stream_id)] = stream
+        self._moved.clear()
+
+    def _record(self, sync):
+        # Append the streams' new `written` to the journal; False (reported) when it failed.
+        journal = self._journal
+        if self._unjournaled or journal.pending:
+            entries = b"".join(_journal_entry(s.stream_id, s.written) for s in self._unjournaled)
+            try:
+                journal.append(entries)
+                if sync:
+                    journal.sync()
+            except OSError as exc:
+                self._write_failed(exc.filename, exc)
+                return False
+            for stream in self._unjournaled:
+                stream.journaled = stream.written
+            self._unjournaled.clear()
+            self._write_ok()
+            if journal.needs_compaction():
+                if not journal.compact({sid: s.journaled for sid, s in self._streams.items()
+                                        if s.journaled is not None}):
+                    self.warn("warning: cannot compact %s; it keeps growing" % journal.path)
+        return True
 
     def _sync(self, final):
         # fsync every file written since the last sync; False (reported) when one failed.
