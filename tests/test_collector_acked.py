@@ -264,6 +264,32 @@ def test_a_long_line_across_batches_holds_the_ack_until_it_is_joined(running, so
     assert load_journal(run.col.journal_path)[0] == {b"p": 3}
 
 
+def test_json_output_of_acked_batches_carries_every_field(short_dir, sockets):
+    import json
+
+    out = os.path.join(short_dir, "out")
+    col = Collector(out_dir=out, fmt="json")
+    endpoint = "ipc://%s/j.ipc" % short_dir
+    col.bind(endpoint, "acked")
+    thread = threading.Thread(target=col.run, daemon=True)
+    thread.start()
+    try:
+        dealer = dealer_for(sockets, endpoint)
+        dealer.send_multipart(batch(b"j", 1, record(b"caf\xc3\xa9", attrs={"k": "v"}),
+                                    chunk(b"\xff", 1, True)))
+        wait_ack(dealer, b"j", 1)
+    finally:
+        col.stop()
+        thread.join(TIMEOUT_S)
+        col.close()
+    first, second = [json.loads(x) for x in read(os.path.join(out, "t", "s.log")).splitlines()]
+    assert first == {"tenant": "t", "service": "s", "framing": "msgpack", "container_id": "c1",
+                     "container_name": "/web", "source": "stdout",
+                     "time_nano": 1_700_000_000_000_000_000, "attrs": {"k": "v"},
+                     "line": "café"}
+    assert second["line_base64"] == "/w==" and second["partial"]["last"] is True
+
+
 def test_a_line_that_never_ends_is_written_as_chunks_and_then_acked(running, sockets,
                                                                     monkeypatch):
     monkeypatch.setattr(collector_mod, "REASSEMBLY_WAIT_S", 0.0)
@@ -419,11 +445,21 @@ def test_a_failing_write_is_held_retried_and_continued_where_it_stopped(running,
     wait_ack(dealer, b"d", 1)
     monkeypatch.setattr(collector_mod.os, "write", flaky_write)
     text = lines_batch(b"d", 1)[1]
+    expected = {1: text}
     for seq in range(2, 8):
         frames, lines = lines_batch(b"d", seq, count=20)
         text += lines
+        expected[seq] = text
         dealer.send_multipart(frames)
-    wait_ack(dealer, b"d", 7)
+    highest = 1
+    for _ in range(POLL_ROUNDS):
+        if highest == 7:
+            break
+        if dealer.poll(100):
+            _, seq = decode_ack(dealer.recv_multipart())
+            assert read(run.log).startswith(expected[seq]), seq    # never acked before written
+            highest = max(highest, seq)
+    assert highest == 7
     run.close()
     assert read(run.log) == text                  # every line once, none torn
     assert any("cannot write %s: No space left on device" % run.log in w for w in run.warnings) \
@@ -573,3 +609,30 @@ def test_collect_on_a_full_disk_reports_the_path_holds_and_resumes(short_dir, sm
     assert proc.returncode == 0, stderr + err
     assert read(log) == b"".join(t for _, t in sent)            # every line once, in order
     assert b"writing again" in stderr + err
+
+
+def test_at_close_a_write_that_keeps_failing_is_given_up_and_counted(running, sockets,
+                                                                     monkeypatch):
+    monkeypatch.setattr(collector_mod, "WRITE_RETRY_S", 0.01)
+    monkeypatch.setattr(collector_mod, "STOP_WRITE_WAIT_S", 0.05)
+    run = running()
+    dealer = dealer_for(sockets, run.endpoint)
+    dealer.send_multipart(lines_batch(b"x", 1)[0])
+    wait_ack(dealer, b"x", 1)
+
+    def no_space(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(collector_mod.os, "write", no_space)
+    frames, lines = lines_batch(b"x", 2)
+    dealer.send_multipart(frames)
+    for _ in range(POLL_ROUNDS):
+        if run.col.write_errors_total:
+            break
+        time.sleep(0.1)
+    run.close()
+    while dealer.poll(0):
+        assert decode_ack(dealer.recv_multipart()) == (b"x", 1)    # batch 2 is never acknowledged
+    assert run.col.unwritten_bytes == len(lines)
+    assert run.col.written(b"x") == 1               # the journal never claimed batch 2
+    assert any("could not be written" in w for w in run.warnings), run.warnings
