@@ -89,3 +89,48 @@ def sockets():
         yield factory
     finally:
         factory.close()
+
+
+# -- a real Docker engine (tests marked docker_engine) -------------------------------------------
+
+ENGINE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "scripts", "docker-engine.sh")
+ENGINE_IMAGE = "zl-busybox"
+
+
+def _engine_answers():
+    import subprocess
+    try:
+        return subprocess.run(["docker", "info"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A running Docker engine with the ``zl-busybox`` image, set up by scripts/docker-engine.sh.
+
+    Skips with the script's reason where no engine can be started; with ``CI=true`` that is a
+    failure instead, so CI can never pass without running these tests. An engine this fixture
+    started itself is stopped at the end of the session (one that already ran is left alone).
+    """
+    import subprocess
+    was_up = _engine_answers()
+    try:
+        done = subprocess.run(["bash", ENGINE_SCRIPT, "start"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=900)
+        ok, output = done.returncode == 0, done.stdout.decode("utf-8", "replace").strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        ok, output = False, "%s: %s" % (type(exc).__name__, exc)
+    if not ok:
+        reason = "no Docker engine could be started by scripts/docker-engine.sh: %s" % (
+            output.splitlines()[-1] if output else "no output")
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (CI=true: engine tests must run, not skip)", pytrace=False)
+        pytest.skip(reason)
+    try:
+        yield ENGINE_IMAGE
+    finally:
+        if not was_up and os.environ.get("ZL_ENGINE_KEEP") != "1":
+            subprocess.run(["bash", ENGINE_SCRIPT, "stop"], stdout=subprocess.DEVNULL, timeout=120)
