@@ -15,7 +15,13 @@ import zlib
 import zmq
 
 from . import core
-from ._core_py import ACK_KIND, MALFORMED_REASONS, decode_batch_message, decode_payload, encode_ack
+from ._core_py import (
+    ACK_KIND,
+    MALFORMED_REASONS,
+    decode_batch_message,
+    decode_payload,
+    encode_ack,
+)
 from .errors import ConfigError, ProtocolError, TransportError
 
 FORMATS = ("text", "json")
@@ -841,10 +847,10 @@ class Collector:
                 stream.journaled = stream.written
             self._unjournaled.clear()
             self._write_ok()
-            if journal.needs_compaction():
-                if not journal.compact({sid: s.journaled for sid, s in self._streams.items()
-                                        if s.journaled is not None}):
-                    self.warn("warning: cannot compact %s; it keeps growing" % journal.path)
+            if journal.needs_compaction() and not journal.compact(
+                    {sid: s.journaled for sid, s in self._streams.items()
+                     if s.journaled is not None}):
+                self.warn("warning: cannot compact %s; it keeps growing" % journal.path)
         return True
 
     def _sync(self, final):
