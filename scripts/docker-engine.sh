@@ -9,12 +9,14 @@
 # Needs root. Exits non-zero with one clear line on stderr when no engine can be had.
 #
 # Environment: ZL_ENGINE_IMAGE (default zl-busybox), ZL_ENGINE_LOG (dockerd's log file),
-# ZL_ENGINE_READY_S (how long to wait for a started dockerd to answer, default 60).
+# ZL_ENGINE_READY_S (how long to wait for a started dockerd to answer, default 60),
+# ZL_ENGINE_STORAGE_DRIVER (tried first, default overlay2; vfs is the fallback).
 set -euo pipefail
 
 IMAGE=${ZL_ENGINE_IMAGE:-zl-busybox}
 LOG=${ZL_ENGINE_LOG:-/var/log/zeroline-dockerd.log}
 READY_S=${ZL_ENGINE_READY_S:-60}
+DRIVER=${ZL_ENGINE_STORAGE_DRIVER:-overlay2}
 PIDFILE=/var/run/docker.pid                       # dockerd writes its own pid here (not $!)
 CONTAINERD_PIDFILE=/var/run/docker/containerd/containerd.pid
 STATE=/var/run/zeroline-engine                    # what this script started, so stop kills only that
@@ -29,7 +31,11 @@ report() { awk -v a="$step_start" -v b="$(now)" -v s="$1" \
 
 engine_answers() { timeout 10 docker info >/dev/null 2>&1; }
 
-pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# A child that exited stays a zombie until reaped, and kill -0 still succeeds on it.
+pid_alive() {
+    [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null \
+        && [ "$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
 
 install_engine() {
     command -v apt-get >/dev/null || die "dockerd is missing and there is no apt-get to install it"
@@ -112,12 +118,12 @@ cmd_start() {
             die "a dockerd (pid $(cat "$PIDFILE")) runs but does not answer docker info; see $LOG"
         fi
         begin
-        if start_dockerd overlay2; then
-            report "start dockerd (overlay2)"
+        if start_dockerd "$DRIVER"; then
+            report "start dockerd ($DRIVER)"
         else
-            echo "docker-engine.sh: dockerd exited with overlay2; trying vfs (see $LOG)" >&2
+            echo "docker-engine.sh: dockerd exited with $DRIVER; trying vfs (see $LOG)" >&2
             begin
-            start_dockerd vfs || die "dockerd exits at start with overlay2 and vfs; see $LOG"
+            start_dockerd vfs || die "dockerd exits at start with $DRIVER and vfs; see $LOG"
             report "start dockerd (vfs)"
         fi
     else
