@@ -10,13 +10,12 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 import zmq
 import zmq.auth
-
 from test_docker_plugin import TIMEOUT_S, Daemon, PluginThread, wait_listening
+
 from zeroline import docker_plugin, keys
 from zeroline.errors import ConfigError
 
@@ -254,12 +253,19 @@ def test_bound_socket_has_its_mode_before_anyone_can_connect(tmp_path):
         sock.close()
 
 
+def _with_umask(argv, umask):
+    # Through a shell rather than preexec_fn, which is unsafe while other threads run.
+    if umask is None:
+        return argv
+    return ["sh", "-c", 'umask %03o && exec "$@"' % umask, "sh"] + argv
+
+
 def start_plugin_command(work, sock_path, umask=None):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen(
-        [sys.executable, "-m", "zeroline", "plugin", "--socket", sock_path, "--state-dir",
-         os.path.join(work, "state")], stderr=subprocess.PIPE, env=env,
-        preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+        _with_umask([sys.executable, "-m", "zeroline", "plugin", "--socket", sock_path,
+                     "--state-dir", os.path.join(work, "state")], umask),
+        stderr=subprocess.PIPE, env=env)
 
 
 @pytest.fixture
@@ -339,9 +345,8 @@ def test_live_socket_is_refused_and_keeps_serving(work):
 
 def run_cli(*args, umask=None):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "zeroline"] + list(args), capture_output=True,
-                          env=env, timeout=TIMEOUT_S,
-                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+    return subprocess.run(_with_umask([sys.executable, "-m", "zeroline", *args], umask),
+                          check=False, capture_output=True, env=env, timeout=TIMEOUT_S)
 
 
 def test_keygen_writes_a_pair_pyzmq_reads_with_a_0600_secret(work):

@@ -43,11 +43,10 @@ from datetime import datetime
 from aiohttp import web
 
 from . import core
-from .config import (ContainerInfo, parse_bool, parse_decimal_size,
-                     validate_log_opts)
+from .config import ContainerInfo, parse_bool, parse_decimal_size, validate_log_opts
 from .errors import ConfigError, ProtocolError, TransportError, ZerolineError
-from .transport import open_sink
 from .supervisor import Supervisor
+from .transport import open_sink
 
 DEFAULT_SOCKET = "/run/docker/plugins/zeroline.sock"
 DEFAULT_STATE_DIR = "/var/lib/zeroline"
@@ -750,7 +749,7 @@ def make_app(plugin):
             return await handler(request)
         except (web.HTTPException, asyncio.CancelledError, ConnectionResetError):
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the last line of defence, see above
             request.app[INTERNAL_ERRORS].append("%s: %s" % (type(exc).__name__, exc))
             _log("internal error answering %s: %s: %s" % (request.path, type(exc).__name__,
                                                           exc))
