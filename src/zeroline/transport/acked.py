@@ -25,6 +25,8 @@ from .sink import Sink
 BATCH_MAX_BYTES = getattr(core._impl, "BATCH_MAX_BYTES", 256 * 1024)
 #: Without an ack for this long while batches are unacknowledged, every one is sent again.
 ACK_TIMEOUT_S = 5.0
+#: After a gap ack (one that does not advance), a stream's window is resent at most this often.
+GAP_RESEND_S = 0.5
 #: Stream ids are at most this long (the spec's limit).
 MAX_STREAM_ID = 255
 
@@ -33,7 +35,7 @@ class _StreamState:
     """Sequence numbers and the unacknowledged batches of one stream id."""
 
     __slots__ = ("stream_id", "tenant", "service", "next_seq", "acked", "inflight",
-                 "overflow", "lines_acked")
+                 "overflow", "lines_acked", "gap_resent_at", "gap_seen")
 
     def __init__(self, stream_id, tenant, service, next_seq):
         self.stream_id = stream_id
@@ -44,6 +46,8 @@ class _StreamState:
         self.inflight = collections.deque()     # _Batch, in seq order
         self.overflow = None                    # a batch the full spool refused: (seq, body, n)
         self.lines_acked = 0
+        self.gap_resent_at = 0.0
+        self.gap_seen = False
 
 
 class _Batch:
@@ -96,6 +100,8 @@ class AckedSink(Sink):
         self.lines_acked_total = 0
         self.acks_total = 0
         self.bad_acks_total = 0
+        self.gap_resends_total = 0
+        self._gaps = False
         self.replayed_batches_total = 0
         try:
             super().__init__(options, context, report)
@@ -144,7 +150,11 @@ class AckedSink(Sink):
         while stream.pending_messages:
             if spool is None:
                 if self._inflight >= self.window:
-                    return False
+                    # ZMQ_FD is edge-triggered and a send may have taken the edge of an ack
+                    # that is already here: look before refusing (a getsockopt, cheap).
+                    self._take_acks()
+                    if self._inflight >= self.window:
+                        return False
                 body, lines, _ = stream.take_batch(BATCH_MAX_BYTES)
                 seq = state.next_seq
                 state.next_seq += 1
@@ -178,7 +188,11 @@ class AckedSink(Sink):
 
     def _pump_spool(self):
         spool = self.spool
-        while self._inflight < self.window:
+        while True:
+            if self._inflight >= self.window:
+                self._take_acks(pump=False)
+                if self._inflight >= self.window:
+                    return
             record = spool.next_unsent()
             if record is None:
                 return
@@ -216,7 +230,7 @@ class AckedSink(Sink):
         self._take_acks()
         return self._inflight < self.window
 
-    def _take_acks(self):
+    def _take_acks(self, pump=True):
         sock = self.socket
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             frames = sock.recv_multipart(zmq.DONTWAIT)
@@ -227,8 +241,18 @@ class AckedSink(Sink):
                 continue
             self.acks_total += 1
             state = self._by_id.get(stream_id)
-            if state is None or seq <= state.acked:
+            if state is None:
                 continue
+            if seq <= state.acked:
+                # An ack that does not advance answers a batch the collector did not write: a
+                # gap (a batch lost on a broken connection). The stream's window is sent again
+                # (_resend_gaps), at most once per GAP_RESEND_S rather than once per batch that
+                # came after the gap; one seen during that pause is served when it ends.
+                if state.inflight and seq == state.acked:
+                    state.gap_seen = True
+                    self._gaps = True
+                continue
+            state.gap_seen = False
             state.acked = seq
             freed = 0
             while state.inflight and state.inflight[0].seq <= seq:
@@ -242,10 +266,27 @@ class AckedSink(Sink):
             if self.spool is not None:
                 self.spool.release(stream_id, seq)
             self._last_progress = time.monotonic()
-            if self._timeout_reported:
-                self._timeout_reported = False
-        if self.spool is not None:
+        if self._gaps:
+            self._resend_gaps()
+        if pump and self.spool is not None:
             self._pump_spool()
+
+    def _resend_gaps(self):
+        now = time.monotonic()
+        waiting = False
+        for state in self._by_id.values():
+            if not state.gap_seen:
+                continue
+            if now - state.gap_resent_at < GAP_RESEND_S:
+                waiting = True
+                continue
+            state.gap_seen = False
+            state.gap_resent_at = now
+            self.gap_resends_total += 1
+            for batch in state.inflight:
+                self.socket.send_multipart(batch.frames, copy=False)
+                self.batches_resent_total += 1
+        self._gaps = waiting
 
     def _on_connected(self):
         reconnect = self.peer_seen
@@ -258,6 +299,8 @@ class AckedSink(Sink):
     def tick(self):
         super().tick()
         self._take_acks()
+        if self._gaps:
+            self._resend_gaps()
         if self._inflight and time.monotonic() - self._last_progress > ACK_TIMEOUT_S:
             if not self._timeout_reported:
                 self._timeout_reported = True
