@@ -164,6 +164,11 @@ cmd_stop() {
         done
         pid_alive "$cpid" && kill -KILL "$cpid" 2>/dev/null || true
     fi
+    # dockerd bind-mounts its data root onto itself (to make its propagation shared) and does
+    # not always undo it; leave no mount behind once no dockerd runs.
+    if ! pgrep -x dockerd >/dev/null && mountpoint -q /var/lib/docker; then
+        umount /var/lib/docker 2>/dev/null || echo "docker-engine.sh: cannot unmount /var/lib/docker" >&2
+    fi
     rm -f "$STATE/dockerd.pid" "$STATE/containerd.pid"
     report "stop dockerd"
 }
