@@ -29,8 +29,8 @@ DOCKER_TIMEOUT_S = 180      # bound on one docker CLI call
 
 def docker(*args, check=True, timeout=DOCKER_TIMEOUT_S, **kw):
     """Runs the docker CLI; returns the CompletedProcess (stdout/stderr as bytes)."""
-    done = subprocess.run(["docker"] + list(args), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=timeout, **kw)
+    done = subprocess.run(["docker", *args], capture_output=True, timeout=timeout, check=False,
+                          **kw)
     if check and done.returncode != 0:
         raise AssertionError("docker %s failed (%d): %s" % (
             " ".join(args), done.returncode, done.stderr.decode("utf-8", "replace")))
@@ -76,18 +76,20 @@ def plugin(image):
     socket_path = os.path.join(PLUGIN_DIR, name + ".sock")
     os.makedirs(PLUGIN_DIR, exist_ok=True)
     state = tempfile.mkdtemp(prefix="zl-engine-state-")
-    log = open(os.path.join(state, "plugin.log"), "wb")
-    proc = subprocess.Popen(zeroline_cmd("plugin", "--socket", socket_path,
-                                         "--state-dir", os.path.join(state, "copies")),
-                            stdout=log, stderr=subprocess.STDOUT)
+    log_path = os.path.join(state, "plugin.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(zeroline_cmd("plugin", "--socket", socket_path,
+                                             "--state-dir", os.path.join(state, "copies")),
+                                stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: os.path.exists(socket_path) or proc.poll() is not None,
                    "the plugin socket %s" % socket_path)
-        assert proc.poll() is None, "zeroline plugin exited: %s" % open(log.name, "rb").read()
+        if proc.poll() is not None:
+            with open(log_path, "rb") as log:
+                pytest.fail("zeroline plugin exited: %r" % log.read())
         yield name
     finally:
         stop_process(proc)
-        log.close()
         if os.path.exists(socket_path):
             os.unlink(socket_path)
         shutil.rmtree(state, ignore_errors=True)
@@ -100,10 +102,10 @@ class Collector:
         self.dir = tempfile.mkdtemp(prefix="zlc", dir="/tmp")
         self.address = "ipc://%s/c.ipc" % self.dir
         self.out = os.path.join(self.dir, "out")
-        self._log = open(os.path.join(self.dir, "collect.log"), "wb")
-        self.proc = subprocess.Popen(zeroline_cmd("collect", "--bind", self.address,
-                                                  "--out", self.out, "--format", "json"),
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        with open(os.path.join(self.dir, "collect.log"), "wb") as log:
+            self.proc = subprocess.Popen(zeroline_cmd("collect", "--bind", self.address,
+                                                      "--out", self.out, "--format", "json"),
+                                         stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: os.path.exists(self.address[len("ipc://"):]) or
                    self.proc.poll() is not None, "the collector's socket")
         assert self.proc.poll() is None, "zeroline collect exited"
@@ -123,7 +125,6 @@ class Collector:
 
     def close(self):
         stop_process(self.proc)
-        self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -272,10 +273,10 @@ def test_docker_logs_right_after_exit_is_byte_identical_to_json_file(plugin, con
     pairs = []
     for driver in ("json-file", plugin):
         kw = {} if driver == "json-file" else {"address": collector.address}
-        name, run = containers.run(MIXED, driver=driver, **kw)
+        name, _ = containers.run(MIXED, driver=driver, **kw)
         logs = docker("logs", name)             # at once: the container has just exited
-        pairs.append((run.stdout, logs.stdout, logs.stderr))
-    (json_run, json_out, json_err), (zl_run, zl_out, zl_err) = pairs
+        pairs.append((logs.stdout, logs.stderr))
+    (json_out, json_err), (zl_out, zl_err) = pairs
     assert zl_out == json_out
     assert zl_err == json_err
     assert json_out.endswith(b"unterminated")       # no \n added to an unterminated line
@@ -363,14 +364,32 @@ def test_follow_streams_a_running_container_and_ends_with_it(plugin, containers,
 ])
 def test_bad_options_fail_docker_run_with_the_plugins_message(plugin, containers, collector,
                                                               opt, message):
-    name, run = containers.run("echo never", driver=plugin, address=collector.address,
-                               opts=[opt], check=False)
+    _, run = containers.run("echo never", driver=plugin, address=collector.address,
+                            opts=[opt], check=False)
     assert run.returncode != 0
     assert message in run.stderr.decode("utf-8", "replace")
     assert run.stdout == b""
 
 
 def test_a_missing_address_fails_docker_run(plugin, containers):
-    name, run = containers.run("echo never", driver=plugin, check=False)
+    _, run = containers.run("echo never", driver=plugin, check=False)
     assert run.returncode != 0
     assert "zmq-address" in run.stderr.decode("utf-8", "replace")
+
+
+def test_docker_stop_loses_nothing_between_the_local_copy_and_the_collector(plugin, collector,
+                                                                          containers):
+    # A writer that is still writing when stopped: every line docker logs shows (the plugin's
+    # local copy) must also reach the collector, in order, once the FIFO is read to its end.
+    script = "i=0; while [ $i -lt 1000000 ]; do echo n$i; i=$((i+1)); usleep 200; done"
+    name, _ = containers.run(script, driver=plugin, address=collector.address,
+                             opts=["zmq-framing=msgpack"], env=["SERVICE_ID=stopped"],
+                             detach=True)
+    collector.wait_records("default", "stopped", lambda rs: len(rs) >= 500, "500 lines")
+    docker("stop", "-t", "1", name)
+    shown = docker("logs", name).stdout.split(b"\n")[:-1]
+    assert len(shown) >= 500
+    assert shown == [b"n%d" % i for i in range(len(shown))]
+    records = collector.wait_records("default", "stopped", lambda rs: len(rs) >= len(shown),
+                                     "%d lines" % len(shown))
+    assert [r["line"].encode() for r in records] == shown
