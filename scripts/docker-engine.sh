@@ -86,10 +86,13 @@ make_image() {
     local busybox dir
     busybox=$(command -v busybox || true)
     [ -x /bin/busybox ] && busybox=/bin/busybox
-    [ -n "$busybox" ] || die "no busybox binary to build the $IMAGE image (install busybox-static)"
     # The image's only program must run without shared libraries.
-    if ldd "$busybox" >/dev/null 2>&1; then
-        die "$busybox is dynamically linked; install busybox-static"
+    if [ -z "$busybox" ] || ldd "$busybox" >/dev/null 2>&1; then
+        install_engine                              # brings busybox-static
+        busybox=/bin/busybox
+        if [ ! -x "$busybox" ] || ldd "$busybox" >/dev/null 2>&1; then
+            die "no statically linked /bin/busybox to build the $IMAGE image"
+        fi
     fi
     begin
     dir=$(mktemp -d /tmp/zl-busybox.XXXXXX)
