@@ -95,6 +95,7 @@ class AckedSink(Sink):
         self._timeout_reported = False
         self._spool_full_reported = False
         self.batches_sent_total = 0
+        self.lines_sent_total = 0       # records of first sends (not resends), per batch
         self.batches_resent_total = 0
         self.batches_acked_total = 0
         self.lines_acked_total = 0
@@ -214,6 +215,7 @@ class AckedSink(Sink):
         self._inflight_lines += batch.lines
         self.socket.send_multipart(batch.frames, copy=False)
         self.batches_sent_total += 1
+        self.lines_sent_total += batch.lines
 
     def _resend_all(self, why):
         count = 0
@@ -311,6 +313,11 @@ class AckedSink(Sink):
         return self._inflight < self.window
 
     # -- state --------------------------------------------------------------------------------
+    @property
+    def spool_full(self):
+        """True while the spool refuses batches (its size limit or a full disk)."""
+        return self._spool_full_reported
+
     def idle(self):
         if self._inflight:
             return False
@@ -337,6 +344,7 @@ class AckedSink(Sink):
     def stats(self):
         out = super().stats()
         out.update(batches_sent_total=self.batches_sent_total,
+                   lines_sent_total=self.lines_sent_total,
                    batches_resent_total=self.batches_resent_total,
                    batches_acked_total=self.batches_acked_total,
                    lines_acked_total=self.lines_acked_total,

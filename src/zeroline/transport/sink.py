@@ -62,6 +62,8 @@ class Sink:
         self.connected = False
         self.disconnects_total = 0
         self._started = time.monotonic()
+        # When `connected` last changed (read by /healthz: how long the collector has been away).
+        self.peer_changed_at = self._started
         self._missing_reported = False
         try:
             self._setup()
@@ -118,9 +120,11 @@ class Sink:
                 if self.disconnects_total and not self.connected:
                     self.report("collector at %s is back" % self.endpoint)
                 self.connected = True
+                self.peer_changed_at = time.monotonic()
                 self._on_connected()
             elif what == zmq.EVENT_DISCONNECTED and self.connected:
                 self.connected = False
+                self.peer_changed_at = time.monotonic()
                 self.disconnects_total += 1
                 self.report("lost the collector at %s; holding lines until it is back (%s)"
                             % (self.endpoint, self.hold_text()))
