@@ -94,7 +94,7 @@ def test_forward_push_delivers_seed_frames_byte_for_byte(short_dir):
         receiver.close()
     # The short id is 12 characters, as Docker's {{.ID}}.
     assert got == [[b"default", b"default", b"0123456789ab: " + line] for line in lines]
-    assert b"6 lines" in proc.stderr and b"0 dropped" in proc.stderr
+    assert b"lines_read_total=6 " in proc.stderr and b"messages_dropped_total=0 " in proc.stderr
 
 
 def test_forward_msgpack_carries_partial_metadata_and_reassembles(short_dir):

@@ -510,7 +510,7 @@ def test_collect_takes_push_and_pub_forwarders_of_both_framings_at_once(short_di
     assert read(os.path.join(out, "acme", "web.log")) == b"0123456789ab: one\n0123456789ab: two\n"
     assert read(os.path.join(out, "beta", "default.log")) == \
         b"fedcba987654 stderr: three\nfedcba987654 stderr: four\nfedcba987654 stderr: five\n"
-    assert b"received 5 messages" in err and b"0 malformed" in err
+    assert b"messages_received_total=5 " in err and b" malformed_total=0 " in err
 
 
 def test_collect_joins_the_chunks_of_a_long_line(short_dir):
@@ -599,7 +599,9 @@ def test_collect_counts_malformed_input_and_keeps_going(short_dir, sockets):
         proc.kill()
     assert proc.returncode == 0, err
     assert read(os.path.join(out, "t", "s.log")) == b"c: still here\nc1 stdout: and this\n"
-    assert b"4 malformed (frames 2, seed 1, msgpack 1)" in err
+    assert b" malformed_total=4 " in err
+    for reason, count in (("frames", 2), ("seed", 1), ("msgpack", 1)):
+        assert b"malformed_total{reason=%s}=%d" % (reason.encode(), count) in err, err
 
 
 def test_collect_json_to_stdout_carries_every_field(short_dir):
@@ -647,7 +649,7 @@ def test_collect_prints_interval_stats_and_flushes_held_chunks_on_sigterm(short_
     finally:
         proc.kill()
     assert proc.returncode == 0, err
-    assert b"received 2 messages" in err and b"1 partial groups incomplete" in err
+    assert b"messages_received_total=2 " in err and b"partial_groups_expired_total=1 " in err
     assert read(os.path.join(out, "t", "s.log")) == b"c: whole\nc1 stdout: 01234567\n"
 
 

@@ -536,7 +536,7 @@ def test_collect_sigterm_writes_what_it_received_and_exits_0(short_dir, sockets)
     assert not acks or max(a[1] for a in acks) <= written
     pushed = read(os.path.join(out, "t", "p.log")).splitlines()
     assert pushed == [b"c: %d" % i for i in range(len(pushed))]     # in order, none twice
-    assert b"acked: %d batches" % written in err, err
+    assert b"acked_batches_total=%d " % written in err, err
 
 
 def test_collect_sigkill_and_restart_loses_nothing_acked_and_writes_nothing_twice(short_dir,

@@ -57,8 +57,14 @@ def _version_text():
     return "zeroline %s (core: %s; pyzmq %s)" % (__version__, core_name, zmq.__version__)
 
 
-def _log_opts_help():
-    lines = ["log-opts (--log-opt KEY=VALUE, repeatable; the same keys as the Docker plugin):"]
+def _log_opts_help(plugin=False):
+    if plugin:
+        lines = ["log-opts: the plugin takes no --log-opt of its own; each container's come from "
+                 "`docker run --log-driver zeroline --log-opt KEY=VALUE` (or the daemon's "
+                 "log-opts), checked at container start:"]
+    else:
+        lines = ["log-opts (--log-opt KEY=VALUE, repeatable; the same keys as the Docker "
+                 "plugin's `docker run --log-opt`):"]
     for opt in OPTIONS.values():
         if opt.name.startswith("cache-"):
             continue
@@ -117,7 +123,12 @@ def build_parser():
     fwd.add_argument("--out", default=DEFAULT_OUT_DIR, metavar="DIR",
                      help="embedded collector only: where OUT/<tenant>/<service>.log goes "
                           "(default: ./%s)" % DEFAULT_OUT_DIR)
-    fwd.add_argument("--stats", action="store_true", help="print counters on stderr at the end")
+    fwd.add_argument("--stats", action="store_true",
+                     help="print one line of counters (named as the metrics) on stderr at the end")
+    fwd.add_argument("--stats-interval", type=float, default=0, metavar="SECONDS",
+                     help="also print one line of counters every SECONDS (for logs; on a "
+                          "terminal a progress line is shown anyway)")
+    _add_metrics_option(fwd)
 
     run = sub.add_parser(
         "run",
@@ -139,9 +150,11 @@ def build_parser():
     run.add_argument("--out", default=DEFAULT_OUT_DIR, metavar="DIR",
                      help="embedded collector only: where OUT/<tenant>/<service>.log goes "
                           "(default: ./%s)" % DEFAULT_OUT_DIR)
-    run.add_argument("--stats", action="store_true", help="print counters on stderr at the end")
+    run.add_argument("--stats", action="store_true",
+                     help="print one line of counters (named as the metrics) on stderr at the end")
     run.add_argument("--stats-interval", type=float, default=0, metavar="SECONDS",
                      help="also print one line of counters every SECONDS")
+    _add_metrics_option(run)
 
     plug = sub.add_parser(
         "plugin",
@@ -152,7 +165,7 @@ def build_parser():
                     "serves `docker logs`. Copies of containers not logged to for --retention "
                     "are removed (checked at start and hourly). Stops on SIGTERM/SIGINT after "
                     "flushing every container.",
-        epilog=_log_opts_help(),
+        epilog=_log_opts_help(plugin=True),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     plug.add_argument("--socket", default=None, metavar="PATH",
@@ -163,6 +176,7 @@ def build_parser():
                       metavar="DURATION",
                       help="remove copies of containers idle this long, e.g. 7d, 12h "
                            "(default: $ZEROLINE_RETENTION or 7d)")
+    _add_metrics_option(plug)
 
     keygen = sub.add_parser(
         "keygen",
@@ -216,7 +230,8 @@ def build_parser():
                           "[default: 5]")
     col.add_argument("--count", type=int, default=None, metavar="N",
                      help="exit after N messages (for scripts and tests)")
-    col.add_argument("--stats", action="store_true", help="print counters on stderr at exit")
+    col.add_argument("--stats", action="store_true",
+                     help="print one line of counters (named as the metrics) on stderr at exit")
     col.add_argument("--stats-interval", type=float, default=0, metavar="SECONDS",
                      help="also print one line of counters on stderr every SECONDS")
     col.add_argument("--fsync", choices=("batch", "interval", "never"), default="interval",
@@ -225,7 +240,31 @@ def build_parser():
                           "second, ack without waiting (a crash of the collector loses nothing "
                           "acked, a power cut up to a second); never: leave it to the OS "
                           "(default: interval)")
+    _add_metrics_option(col)
     return parser
+
+
+def _add_metrics_option(parser):
+    parser.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics and health on "
+                             "/healthz (200 ok, or 503 and the reason) (default: off)")
+
+
+def _start_metrics(args, source):
+    """The metrics server of ``--metrics-address``, started (None without the option).
+
+    Raises:
+        ConfigError: a malformed address.
+        TransportError: the address cannot be bound (port in use).
+    """
+    if not getattr(args, "metrics_address", None):
+        return None
+    from .metrics import MetricsServer
+
+    server = MetricsServer(args.metrics_address, source).start()
+    atexit.register(server.close)
+    _say("metrics on http://%s/metrics, health on /healthz" % server.address)
+    return server
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +377,15 @@ def _stats_line(sup, sink):
     return line
 
 
+def _summary_line(sup, sink):
+    """``--stats`` at exit: the counters under the names of their metrics."""
+    from .metrics import ForwarderMetrics, summary_line
+
+    source = ForwarderMetrics()
+    source.sink, source.supervisor = sink, sup
+    return summary_line(source)
+
+
 def _report_end(outcome, sink, opts):
     """One line about what did not reach the collector, if anything (always on stderr)."""
     if getattr(sink, "spool", None) is not None:
@@ -357,7 +405,55 @@ def _report_end(outcome, sink, opts):
                                        for kv in outcome.stats["dropped_by_stream"].items())))
 
 
-async def _pipeline(sink, opts, args, sources, child=None):
+class _Progress:
+    """``forward`` with stderr on a terminal: one line, rewritten about once a second, with the
+    bytes read (of the file's size when it has one) and the lines per second."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, size):
+        self.size = size
+        self.started = time.monotonic()
+        self.last = (self.started, 0)
+
+    def show(self, st, final=False):
+        now = time.monotonic()
+        since, seen = (self.started, 0) if final else self.last
+        self.last = (now, st["lines_total"])
+        rate = (st["lines_total"] - seen) / (now - since) if now > since else 0.0
+        done = st["bytes_total"]
+        if self.size:
+            where = "%s of %s (%d%%)" % (_human_bytes(done), _human_bytes(self.size),
+                                         min(100, done * 100 // self.size))
+        else:
+            where = _human_bytes(done)
+        sys.stderr.write("\rzeroline: %s read, %d lines, %.0f lines/s\x1b[K%s"
+                         % (where, st["lines_total"], rate, "\n" if final else ""))
+        sys.stderr.flush()
+
+
+def _human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1024
+    return "%d B" % n
+
+
+def _progress_for(fd):
+    """A :class:`_Progress` when stderr is a terminal (and the input is not), else None."""
+    try:
+        if not os.isatty(sys.stderr.fileno()) or os.isatty(fd):
+            return None
+        st = os.fstat(fd)
+    except (OSError, ValueError):
+        return None
+    import stat
+
+    return _Progress(st.st_size if stat.S_ISREG(st.st_mode) else None)
+
+
+async def _pipeline(sink, opts, args, sources, child=None, metrics=None, display=None):
     """Copy ``sources`` (``(fd, stream, name, read_bytes)``) into ``sink`` until they end.
 
     ``forward`` (no child): SIGINT/SIGTERM/SIGHUP stop reading; what was read is flushed and
@@ -371,6 +467,8 @@ async def _pipeline(sink, opts, args, sources, child=None):
 
     loop = asyncio.get_running_loop()
     sup = Supervisor(sink, loop)
+    if metrics is not None:
+        metrics.supervisor = sup            # read by the metrics thread from now on
     blocking = opts.mode == "blocking"
     for fd, stream, name, read_bytes in sources:
         sup.add(fd, stream, name, blocking=blocking, read_bytes=read_bytes)
@@ -409,6 +507,13 @@ async def _pipeline(sink, opts, args, sources, child=None):
             _say(_stats_line(sup, sink))
             ticker = loop.call_later(args.stats_interval, tick)
         ticker = loop.call_later(args.stats_interval, tick)
+    display_handle = None
+    if display is not None:             # forward's progress line on a terminal
+        def show():
+            nonlocal display_handle
+            display.show(sup.stats())
+            display_handle = loop.call_later(display.INTERVAL_S, show)
+        display_handle = loop.call_later(display.INTERVAL_S, show)
 
     pidfd = None
     if child is not None:
@@ -446,6 +551,9 @@ async def _pipeline(sink, opts, args, sources, child=None):
     finally:
         if ticker is not None:
             ticker.cancel()
+        if display_handle is not None:
+            display_handle.cancel()
+            display.show(sup.stats(), final=True)
         for signum in handled:
             loop.remove_signal_handler(signum)
         sup.close()
@@ -462,7 +570,7 @@ def _finish(sup, sink, outcome, opts, args, embedded):
     expected = sup.stats()["sent_total"]
     paths = embedded.finish(expected, max(opts.linger_s, 5.0)) if embedded else []
     if args.stats:
-        _say(_stats_line(sup, sink))
+        _say(_summary_line(sup, sink))
     _report_end(outcome, sink, opts)
     if not confirmed and opts.socket != "acked" and not outcome.undelivered_lines:
         _say("warning: zmq-linger ran out before the send queue drained; lines may be lost")
@@ -478,17 +586,28 @@ def _open_sink(opts):
     return open_sink(opts)
 
 
+def _forwarder_metrics():
+    from .metrics import ForwarderMetrics
+
+    return ForwarderMetrics()
+
+
 def cmd_forward(args):
     import uvloop
 
     opts = validate_log_opts(_parse_log_opts(args.log_opt), require_address=False)
+    if args.stats_interval < 0:
+        raise ConfigError("--stats-interval must not be negative")
     fd, own_fd = _open_input(args.input)
+    metrics = _forwarder_metrics()
+    _start_metrics(args, metrics)
     opts, embedded, info = _endpoint_and_container(args, opts)
-    sink = _open_sink(opts)
+    sink = metrics.sink = _open_sink(opts)
     try:
         stream = sink.stream(info, args.source)
         sources = [(fd, stream, "%s/%s" % (info.short_id or "-", args.source), READ_BYTES)]
-        sup, outcome = uvloop.run(_pipeline(sink, opts, args, sources))
+        sup, outcome = uvloop.run(_pipeline(sink, opts, args, sources, metrics=metrics,
+                                            display=_progress_for(fd)))
     except BaseException:
         sink.close(0)
         raise
@@ -513,8 +632,10 @@ def cmd_run(args):
     if not cmd:
         raise ConfigError("run needs a command: zeroline run [OPTIONS] -- CMD [ARGS...]")
     opts = validate_log_opts(_parse_log_opts(args.log_opt), require_address=False)
+    metrics = _forwarder_metrics()
+    _start_metrics(args, metrics)
     opts, embedded, info = _endpoint_and_container(args, opts)
-    sink = _open_sink(opts)
+    sink = metrics.sink = _open_sink(opts)
     try:
         # CMD starts at once: whether a collector is there is the sink's business.
         try:
@@ -531,7 +652,8 @@ def cmd_run(args):
             pipe.close()
             sources.append((fd, sink.stream(info, source),
                             "%s/%s" % (info.short_id or "-", source), READ_BYTES_RUN))
-        sup, outcome = uvloop.run(_pipeline(sink, opts, args, sources, child=child))
+        sup, outcome = uvloop.run(_pipeline(sink, opts, args, sources, child=child,
+                                            metrics=metrics))
     except BaseException:
         sink.close(0)
         raise
@@ -561,6 +683,11 @@ def cmd_plugin(args):
     retention_s = _parse_retention(args.retention)
     socket_path = args.socket or docker_plugin.DEFAULT_SOCKET
     state_dir = args.state_dir or docker_plugin.DEFAULT_STATE_DIR
+    plugin = docker_plugin.Plugin(state_dir, retention_s)
+    if args.metrics_address:
+        from .metrics import PluginMetrics
+
+        _start_metrics(args, PluginMetrics(plugin))
 
     async def main():
         stop = asyncio.Event()
@@ -577,7 +704,7 @@ def cmd_plugin(args):
             loop.add_signal_handler(signum, on_signal)
         ready = asyncio.Event()
         task = asyncio.ensure_future(docker_plugin.serve(socket_path, state_dir, retention_s,
-                                                         ready=ready, stop=stop))
+                                                         ready=ready, stop=stop, plugin=plugin))
         await asyncio.wait([task, asyncio.ensure_future(ready.wait())],
                            return_when=asyncio.FIRST_COMPLETED)
         if ready.is_set():
@@ -630,6 +757,14 @@ def cmd_collect(args):
                           max_size=max_size,
                           max_files=DEFAULT_MAX_FILES if args.max_files is None else args.max_files,
                           fsync=args.fsync, warn=_say)
+    if args.metrics_address:
+        from .metrics import CollectorMetrics
+
+        try:
+            _start_metrics(args, CollectorMetrics(collector))
+        except ZerolineError:
+            collector.close()
+            raise
     status = EXIT_OK
     received = []
 
@@ -661,14 +796,17 @@ def cmd_collect(args):
             raise
         # Log files are retried, never fatal (Collector); this is stdout, or OUT/.zeroline that
         # cannot be created at start.
-        _say("error: cannot write %s: %s" % (exc.filename or "output", exc.strerror or exc))
+        _say("error: cannot write %s: %s" % (exc.filename or ("stdout" if args.stdout else args.out),
+                                            exc.strerror or exc))
         status = EXIT_FAILURE
     if received:
         status = EXIT_INTERRUPTED if received[0] == signal.SIGINT else EXIT_OK
     if collector.unwritten_bytes:
         status = EXIT_FAILURE
     if args.stats:
-        _say(collector.stats_line())
+        from .metrics import CollectorMetrics, summary_line
+
+        _say(summary_line(CollectorMetrics(collector)))
     return status
 
 

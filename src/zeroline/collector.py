@@ -73,6 +73,9 @@ _REASONS = MALFORMED_REASONS + tuple(r for r in ("batch", "ack") if r not in MAL
 _PLAIN = re.compile(rb"[A-Za-z0-9._-]+")
 #: Longest escaped name part: room for ".log.<n>" under the usual 255-byte name limit.
 MAX_NAME_BYTES = 200
+#: Destinations counted one by one in ``written_by_destination`` (metrics labels); the rest
+#: share the key ``("other", "other")``.
+MAX_COUNTED_DESTINATIONS = 100
 
 
 def safe_path_part(value):
@@ -592,6 +595,10 @@ class Collector:
         self.duplicate_batches_total = 0
         self.gap_batches_total = 0
         self.acks_sent_total = 0
+        # (tenant, service) -> [lines, bytes] written; counted once per destination run of a
+        # batch, never per line (read by zeroline.metrics).
+        self.written_by_destination = {}
+        self.write_error = None         # "PATH: REASON" while writes fail (/healthz)
 
     messages_total = property(lambda self: self._receiver.messages_total)
     bytes_total = property(lambda self: self._receiver.bytes_total)
@@ -857,11 +864,14 @@ class Collector:
         # fsync every file written since the last sync; False (reported) when one failed.
         if self.fsync == "never":
             return True
+        current = self.out_dir or "output"     # fsync errors carry no file name: say which
         try:
             for handle in list(self._unsynced):
+                current = handle.path
                 handle.sync()
                 self._unsynced.discard(handle)
             for directory in list(self._unsynced_dirs):
+                current = directory
                 fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
                     os.fsync(fd)
@@ -869,9 +879,10 @@ class Collector:
                     os.close(fd)
                 self._unsynced_dirs.discard(directory)
             if self._journal is not None:
+                current = self._journal.path
                 self._journal.sync()
         except OSError as exc:
-            self._write_failed(exc.filename or "output", exc)
+            self._write_failed(exc.filename or current, exc)
             return False
         self._synced_at = time.monotonic()
         self._write_ok()
@@ -909,12 +920,14 @@ class Collector:
     def _emit(self, tenant, service, data, origin=None):
         if self.out is not None:
             self.out.write(data)
+            self._count_written(tenant, service, data)
             return
         if not self._pending:
             try:
                 handle = self._file(tenant, service)
                 self._unsynced.add(handle)
                 handle.write(data)
+                self._count_written(tenant, service, data)
             except OSError as exc:
                 data = data[getattr(exc, "written", 0):]
                 self._pending.append((tenant, service, data))
@@ -942,6 +955,7 @@ class Collector:
                 handle = self._file(tenant, service)
                 self._unsynced.add(handle)
                 handle.write(data)
+                self._count_written(tenant, service, data)
             except OSError as exc:
                 done = getattr(exc, "written", 0)
                 if done:
@@ -956,16 +970,28 @@ class Collector:
         self._io_held.clear()
         return True
 
+    def _count_written(self, tenant, service, data):
+        counts = self.written_by_destination.get((tenant, service))
+        if counts is None:
+            key = (tenant, service)
+            if len(self.written_by_destination) >= MAX_COUNTED_DESTINATIONS:
+                key = ("other", "other")
+            counts = self.written_by_destination.setdefault(key, [0, 0])
+        counts[0] += data.count(b"\n")
+        counts[1] += len(data)
+
     def _write_ok(self):
         # The end of an error episode (nothing is held any more).
         if (self._error_since is not None and not self._pending
                 and not (self._journal is not None and self._journal.pending)):
             self.warn("writing again after %.1f s" % (time.monotonic() - self._error_since))
             self._error_since = None
+            self.write_error = None
 
     def _write_failed(self, path, exc):
         now = time.monotonic()
         self._retry_at = now + WRITE_RETRY_S
+        self.write_error = "%s: %s" % (path, exc.strerror or exc)
         if self._error_since is None:
             self._error_since = now
             self.write_errors_total += 1
