@@ -13,6 +13,7 @@ import signal
 import socket as _socket
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
@@ -66,13 +67,16 @@ def _log_opts_help(plugin=False):
         lines = ["log-opts (--log-opt KEY=VALUE, repeatable; the same keys as the Docker "
                  "plugin's `docker run --log-opt`):"]
     for opt in OPTIONS.values():
-        if opt.name.startswith("cache-"):
+        if opt.name.startswith("cache-") and not plugin:
             continue
         default = "" if opt.default in (None, "") else " [default: %s]" % opt.default
         choices = " (%s)" % "|".join(opt.choices) if opt.choices else ""
         lines.append("  %-20s %s%s%s" % (opt.name, opt.help, choices, default))
-    lines.append("  cache-*              Docker's own cache keys: accepted and ignored.")
-    return "\n".join(lines)
+    if not plugin:
+        lines.append("  cache-*              Docker's own cache keys: accepted and ignored.")
+    wrap = dict(width=100, break_on_hyphens=False, break_long_words=False)
+    return "\n".join(textwrap.fill(line, subsequent_indent=" " * 23, **wrap)
+                     if line.startswith("  ") else textwrap.fill(line, **wrap) for line in lines)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,7 +121,8 @@ def build_parser():
                      help="driver option (see below)")
     fwd.add_argument("--container-id", default=None, metavar="ID",
                      help="container id for the payload prefix (default: this host's name)")
-    fwd.add_argument("--container-name", default="", metavar="NAME", help="container name")
+    fwd.add_argument("--container-name", default="", metavar="NAME",
+                     help="container name (default: none)")
     fwd.add_argument("--source", choices=("stdout", "stderr"), default="stdout",
                      help="source stamped on every message (default: stdout)")
     fwd.add_argument("--out", default=DEFAULT_OUT_DIR, metavar="DIR",
@@ -126,8 +131,8 @@ def build_parser():
     fwd.add_argument("--stats", action="store_true",
                      help="print one line of counters (named as the metrics) on stderr at the end")
     fwd.add_argument("--stats-interval", type=float, default=0, metavar="SECONDS",
-                     help="also print one line of counters every SECONDS (for logs; on a "
-                          "terminal a progress line is shown anyway)")
+                     help="also print one line of counters every SECONDS, for logs; on a "
+                          "terminal a progress line is shown anyway (default: 0, none)")
     _add_metrics_option(fwd)
 
     run = sub.add_parser(
@@ -146,14 +151,15 @@ def build_parser():
                      help="driver option (see below)")
     run.add_argument("--container-id", default=None, metavar="ID",
                      help="container id for the payload prefix (default: this host's name)")
-    run.add_argument("--container-name", default="", metavar="NAME", help="container name")
+    run.add_argument("--container-name", default="", metavar="NAME",
+                     help="container name (default: none)")
     run.add_argument("--out", default=DEFAULT_OUT_DIR, metavar="DIR",
                      help="embedded collector only: where OUT/<tenant>/<service>.log goes "
                           "(default: ./%s)" % DEFAULT_OUT_DIR)
     run.add_argument("--stats", action="store_true",
                      help="print one line of counters (named as the metrics) on stderr at the end")
     run.add_argument("--stats-interval", type=float, default=0, metavar="SECONDS",
-                     help="also print one line of counters every SECONDS")
+                     help="also print one line of counters every SECONDS (default: 0, none)")
     _add_metrics_option(run)
 
     plug = sub.add_parser(
@@ -222,18 +228,19 @@ def build_parser():
                           "every field the framing carries (default: text)")
     col.add_argument("--max-size", default=None, metavar="SIZE",
                      help="rotate a log file once it reached SIZE bytes, checked before each line "
-                          "as Docker's json-file does (decimal units: 10m = 10,000,000; "
-                          "default: never)")
+                          "as Docker's json-file does; decimal units: 10m = 10,000,000 "
+                          "(default: never)")
     col.add_argument("--max-files", type=int, default=None, metavar="N",
                      help="with --max-size: files kept per tenant/service, the live one included "
                           "(.log, .log.1 ... .log.N-1; the oldest is dropped; 1 truncates) "
-                          "[default: 5]")
+                          "(default: 5)")
     col.add_argument("--count", type=int, default=None, metavar="N",
-                     help="exit after N messages (for scripts and tests)")
+                     help="exit after N messages, for scripts and tests (default: no limit)")
     col.add_argument("--stats", action="store_true",
                      help="print one line of counters (named as the metrics) on stderr at exit")
     col.add_argument("--stats-interval", type=float, default=0, metavar="SECONDS",
-                     help="also print one line of counters on stderr every SECONDS")
+                     help="also print one line of counters on stderr every SECONDS "
+                          "(default: 0, none)")
     col.add_argument("--fsync", choices=("batch", "interval", "never"), default="interval",
                      help="batch: fsync the files written and the journal before each ack (an "
                           "acked line survives a power cut); interval: fsync at most once a "

@@ -400,7 +400,8 @@ OPTIONS: dict[str, LogOpt] = {
         ),
         LogOpt(
             "max-buffer-size", "binary-size", "1000000",
-            "With mode=non-blocking, bytes of lines that may wait before new lines are dropped.",
+            "With mode=non-blocking, bytes of lines that may wait before new lines are dropped "
+            "(binary units: 1m = 1,048,576).",
         ),
         LogOpt(
             "labels", "list", None,
@@ -424,19 +425,23 @@ OPTIONS: dict[str, LogOpt] = {
         ),
         LogOpt(
             "cache-disabled", "bool", None,
-            "Docker's own option: true turns off the local cache that docker logs reads.",
+            "Plugin: true turns off the local copy that docker logs reads (plugin default: "
+            "false). run/forward: accepted and ignored.",
         ),
         LogOpt(
             "cache-max-file", "string", None,
-            "Docker's own option: how many files the local cache keeps (accepted, not used here).",
+            "Plugin: files the local copy keeps (plugin default: 5). run/forward: accepted and "
+            "ignored.",
         ),
         LogOpt(
             "cache-max-size", "string", None,
-            "Docker's own option: largest size of a local cache file (accepted, not used here).",
+            "Plugin: size of a local copy file before it rotates; decimal units, 20m = "
+            "20,000,000 (plugin default: 20,971,520 bytes). run/forward: accepted and ignored.",
         ),
         LogOpt(
             "cache-compress", "string", None,
-            "Docker's own option: compress rotated local cache files (accepted, not used here).",
+            "Plugin: gzip rotated local copy files (plugin default: true). run/forward: "
+            "accepted and ignored.",
         ),
     )
 }
