@@ -14,6 +14,9 @@ and, on W1 only (benchmarks/bench_supervisor.py):
   fwd_col  zeroline forward → zeroline collect --out DIR --count N → file (lines + CRC checked)
   rx       collector receive path alone: compiled Receiver.recv + take_payloads (queue pre-filled)
   rx_py    the same with a Python recv_multipart loop
+and, on W1 only, issue 10's metrics cost (benchmarks/bench_metrics.py):
+  met / met0  forward → collect → file with --metrics-address on both and /metrics of each
+           scraped every 100 ms / without metrics (gated: met_over_met0)
   design rows, full runs only (or --rows): worker-thread prototype K=2/4 (sup_t2, sup_t4),
            400 idle streams more (sup500*), the old
            ZMQ_FD handler (sup_fdspin); see docs/design.md
@@ -66,6 +69,10 @@ DESIGN_ROWS = SUP_DESIGN_ROWS + PLUGIN_DESIGN_ROWS
 #: Rows measured on SERVICE_WORKLOAD only.
 W1_ROWS = SERVICE_ROWS + DESIGN_ROWS + PLUGIN_ROWS
 ROWS = ("a", "b", "b_cli", "c", "d", "e", "f") + SERVICE_ROWS + PLUGIN_ROWS + DESIGN_ROWS
+# Rows of issue 10 (bench_metrics.py), W1 only; they need the CLI.
+METRICS_ROWS = ("met", "met0")
+W1_ROWS += METRICS_ROWS
+ROWS += METRICS_ROWS
 #: --quick leaves the design rows out (they are for docs/design.md, not for the gate).
 QUICK_ROWS = tuple(r for r in ROWS if r not in DESIGN_ROWS)
 ROW_INFO = {
@@ -94,6 +101,8 @@ ROW_INFO = {
     "dec_py": ("python", "LogEntry decode, twin"),
     "dec_pb": ("protobuf", "FromString + seed payload"),
 }
+ROW_INFO["met"] = ("cli", "fwd_col, /metrics scraped 100 ms")
+ROW_INFO["met0"] = ("cli", "fwd_col, no metrics")
 # Ratio = median over rounds of the per-round ratio (rows of one round ran back to back);
 # the gated ones and their floors are in gates.toml [ratios].
 RATIOS = {
@@ -113,6 +122,8 @@ RATIOS = {
     "dec_over_dec_pb": ("dec", "dec_pb"),
     "dec_over_dec_py": ("dec", "dec_py"),
 }
+
+RATIOS["met_over_met0"] = ("met", "met0")
 
 # Per-round numbers kept in results.jsonl next to the medians.
 ROUND_KEYS = ("lines_per_s", "wall_s", "wall_recv_s", "wall_launch_s", "cpu_send_s", "cpu_recv_s",
@@ -326,6 +337,13 @@ def measure_row(sess, ctx, row, wl, tools):
         return bench_supervisor.measure_supervisor(
             ctx, row, wl, sess.endpoint(row), lines,
             lambda nbytes, prefix: sess.digest(wl, nbytes, prefix))
+    if row in METRICS_ROWS:
+        from . import bench_metrics
+
+        exe = tools.get("b_cli") or bench_e2e.find_cli()[0]
+        if exe is None:
+            return {"lines": wl.lines, "nbytes": wl.nbytes, "error": "no zeroline CLI on PATH"}
+        return bench_metrics.measure(exe, row, wl, sess.endpoint(row), sess.tmp)
     if row == "fwd_col":
         return bench_supervisor.measure_fwd_col(ctx, tools["b_cli"], wl, sess.endpoint(row),
                                                 sess.tmp, digest_for(wl.nbytes))

@@ -678,7 +678,7 @@ def _fwd_col_launcher(exe, endpoint, in_path, out_dir, log_path, messages, expec
         col_err = f.read().decode("utf-8", "replace")
     with open(err_fwd, "rb") as f:
         fwd_err = f.read().decode("utf-8", "replace")
-    span = re.search(r"([0-9.]+) s first to last batch", col_err)
+    span = re.search(r"receive_seconds=([0-9.]+)", col_err)     # collect --stats
     return {"t_fwd": t_fwd, "t_first": t_first, "t_full": t_full,
             "rc_collect": ended["collect"][0], "rc_forward": ended["forward"][0],
             "cpu_recv_s": ended["collect"][1], "cpu_send_s": ended["forward"][1],

@@ -17,9 +17,9 @@ import urllib.request
 
 import pytest
 import zmq
-
 from test_docker_plugin import CID, Daemon, PluginThread, entry_pb2, opts  # noqa: F401
 from test_docker_plugin import Collector as Receiver
+
 from zeroline.collector import MAX_COUNTED_DESTINATIONS, Collector
 from zeroline.metrics import (
     CollectorMetrics,
@@ -219,14 +219,14 @@ def test_bad_metrics_address_is_a_usage_error_and_a_busy_port_an_endpoint_error(
     endpoint = "ipc://%s/x.ipc" % short_dir
     bad = subprocess.run([sys.executable, "-m", "zeroline", "collect", "--bind", endpoint,
                           "--stdout", "--metrics-address", "localhost"], capture_output=True,
-                         timeout=TIMEOUT_S)
+                         timeout=TIMEOUT_S, check=False)
     assert bad.returncode == 2 and bad.stderr.count(b"\n") == 1, bad.stderr
     assert b"--metrics-address" in bad.stderr
     holder = MetricsServer("127.0.0.1:0", ForwarderMetrics())
     try:
         busy = subprocess.run([sys.executable, "-m", "zeroline", "run", "--metrics-address",
                                holder.address, "--", "true"], capture_output=True,
-                              timeout=TIMEOUT_S)
+                              timeout=TIMEOUT_S, check=False)
     finally:
         holder.close()
     assert busy.returncode == 1 and busy.stderr.count(b"\n") == 1, busy.stderr
@@ -332,7 +332,7 @@ def test_healthz_is_503_naming_the_path_while_the_collector_cannot_write(short_d
 # The plugin, driven by the dockerd stand-in of test_docker_plugin
 
 
-def test_plugin_metrics_count_containers_streams_and_entries(entry_pb2):
+def test_plugin_metrics_count_containers_streams_and_entries(entry_pb2):  # noqa: F811
 
     work = tempfile.mkdtemp(prefix="zlp")
     sock_path = os.path.join(work, "plugins", "zeroline.sock")
@@ -386,12 +386,13 @@ def test_plugin_metrics_count_containers_streams_and_entries(entry_pb2):
 
 
 def test_summary_line_uses_the_metric_names_and_lists_reasons():
-    col = Collector(out=open(os.devnull, "wb"))
-    try:
-        col._malformed["batch"] = 2
-        line = summary_line(CollectorMetrics(col))
-    finally:
-        col.close()
+    with open(os.devnull, "wb") as devnull:
+        col = Collector(out=devnull)
+        try:
+            col._malformed["batch"] = 2
+            line = summary_line(CollectorMetrics(col))
+        finally:
+            col.close()
     assert line.startswith("messages_received_total=0 bytes_received_total=0 malformed_total=2")
     assert "malformed_total{reason=batch}=2" in line
 
@@ -425,6 +426,29 @@ def test_forward_file_shows_progress_on_a_terminal_and_nothing_otherwise(short_d
         os.close(master)
     assert b"\rzeroline: 195.3 KiB of 195.3 KiB (100%) read, 2000 lines" in seen, seen
     assert b"lines/s" in seen
-    plain = subprocess.run(argv, capture_output=True, cwd=short_dir, timeout=TIMEOUT_S)
+    plain = subprocess.run(argv, capture_output=True, cwd=short_dir, timeout=TIMEOUT_S,
+                           check=False)
     assert plain.returncode == 0, plain.stderr
     assert b"lines/s" not in plain.stderr and b"\r" not in plain.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark rows run and check their file (no timing asserted)
+
+
+@pytest.mark.parametrize("row", ["met", "met0"])
+def test_metrics_benchmark_row_transfers_every_line(short_dir, row):
+    import types
+
+    from benchmarks import bench_metrics
+
+    exe = shutil.which("zeroline")
+    if exe is None:
+        pytest.skip("no zeroline on PATH")
+    path = os.path.join(short_dir, "w.txt")
+    with open(path, "wb") as f:
+        f.write((b"z" * 99 + b"\n") * 20000)
+    wl = types.SimpleNamespace(path=path, lines=20000, nbytes=2_000_000)
+    res = bench_metrics.measure(exe, row, wl, "ipc://%s/b.ipc" % short_dir, short_dir)
+    assert "error" not in res, res
+    assert res["messages"] == 20000 and res["wall_s"] > 0

@@ -286,6 +286,10 @@ class CollectorMetrics:
             nbytes.add_metric([_text(tenant), _text(service)], size)
         yield lines
         yield nbytes
+        first, last = col.first_message_at, col.last_message_at
+        yield _gauge("zeroline_collector_receive_seconds",
+                     "Seconds from the first to the last batch received",
+                     round(last - first, 3) if first is not None and last is not None else 0)
         yield _counter("zeroline_collector_write_errors_total",
                        "Write error episodes (full disk, I/O error); each is retried",
                        col.write_errors_total)
@@ -326,11 +330,9 @@ def summary_line(source):
         if not samples:
             continue
         name = samples[0].name
-        short = name[len("zeroline_"):] if name.startswith("zeroline_") else name
-        if short.startswith("collector_"):
-            short = short[len("collector_"):]
+        short = name.removeprefix("zeroline_").removeprefix("collector_")
         total = sum(s.value for s in samples)
-        parts.append("%s=%d" % (short, total))
+        parts.append(("%s=%d" if total == int(total) else "%s=%g") % (short, total))
         for sample in samples:
             if "reason" in sample.labels and sample.value:
                 parts.append("%s{reason=%s}=%d" % (short, sample.labels["reason"], sample.value))
@@ -366,7 +368,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format, *args):   # noqa: A002 - the base class's signature
+    def log_message(self, format, *args):   # the base class's signature
         pass                                # no line per scrape on stderr
 
 
@@ -425,5 +427,5 @@ class MetricsServer:
         self.httpd.server_close()
 
 
-__all__ = ["CollectorMetrics", "ForwarderMetrics", "MetricsServer", "PluginMetrics",
-           "UNREACHABLE_S", "parse_address", "summary_line"]
+__all__ = ["UNREACHABLE_S", "CollectorMetrics", "ForwarderMetrics", "MetricsServer",
+           "PluginMetrics", "parse_address", "summary_line"]
