@@ -400,8 +400,7 @@ OPTIONS: dict[str, LogOpt] = {
         ),
         LogOpt(
             "max-buffer-size", "binary-size", "1000000",
-            "With mode=non-blocking, bytes of lines that may wait before new lines are dropped "
-            "(binary units: 1m = 1,048,576).",
+            "mode=non-blocking: line bytes that may wait before new lines drop; 1m = 1,048,576.",
         ),
         LogOpt(
             "labels", "list", None,
@@ -425,23 +424,21 @@ OPTIONS: dict[str, LogOpt] = {
         ),
         LogOpt(
             "cache-disabled", "bool", None,
-            "Plugin: true turns off the local copy that docker logs reads (plugin default: "
-            "false). run/forward: accepted and ignored.",
-        ),
-        LogOpt(
-            "cache-max-file", "string", None,
-            "Plugin: files the local copy keeps (plugin default: 5). run/forward: accepted and "
+            "Plugin: true turns off the local copy docker logs reads (else false); run/forward: "
             "ignored.",
         ),
         LogOpt(
+            "cache-max-file", "string", None,
+            "Plugin: files the local copy keeps (else 5); run/forward: ignored.",
+        ),
+        LogOpt(
             "cache-max-size", "string", None,
-            "Plugin: size of a local copy file before it rotates; decimal units, 20m = "
-            "20,000,000 (plugin default: 20,971,520 bytes). run/forward: accepted and ignored.",
+            "Plugin: local copy file size before it rotates, 20m = 20e6 (else 20 MiB); "
+            "run/forward: ignored.",
         ),
         LogOpt(
             "cache-compress", "string", None,
-            "Plugin: gzip rotated local copy files (plugin default: true). run/forward: "
-            "accepted and ignored.",
+            "Plugin: gzip rotated local copy files (else true); run/forward: ignored.",
         ),
     )
 }
