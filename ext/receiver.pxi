@@ -241,7 +241,14 @@ cdef bint _utf8_ok(const unsigned char *s, size_t n) noexcept nogil:
     cdef size_t i = 0
     cdef unsigned char c, lo, hi
     cdef int k, j
+    cdef uint64_t word
     while i < n:
+        if i + 8 <= n:
+            # ASCII eight bytes at a time (ids, names and sources are ASCII in practice).
+            memcpy(&word, s + i, 8)
+            if word & 0x8080808080808080ULL == 0:
+                i += 8
+                continue
         c = s[i]
         if c < 0x80:
             i += 1
@@ -452,11 +459,7 @@ cdef inline bint _has_seed_sep(const char *p, size_t n) noexcept nogil:
     return False
 
 
-cdef int _render_parse(Receiver self, zl_render *r, size_t n, size_t *fallbacks) except -1 nogil:
-    cdef size_t pos = 0, i
-    cdef const char *b = self._batch.data
-    cdef const unsigned char *p
-    cdef zl_rmsg *m
+cdef int _render_reset(zl_render *r, size_t n) except -1 nogil:
     _reserve(<void **>&r.msgs, &r.msgs_cap, n, sizeof(zl_rmsg))
     if r.table == NULL:
         r.table = <int32_t *>malloc(64 * sizeof(int32_t))
@@ -466,6 +469,14 @@ cdef int _render_parse(Receiver self, zl_render *r, size_t n, size_t *fallbacks)
         r.table_cap = 64
     memset(r.table, 0xff, r.table_cap * sizeof(int32_t))
     r.ndests = 0
+    return 0
+
+
+cdef int _render_parse(Receiver self, zl_render *r, size_t n, size_t *fallbacks) except -1 nogil:
+    cdef size_t pos = 0, i, bad_seed = 0
+    cdef const char *b = self._batch.data
+    cdef zl_rmsg *m
+    _render_reset(r, n)
     for i in range(n):
         m = &r.msgs[i]
         m.tlen = _get_u32(b + pos)
@@ -478,24 +489,79 @@ cdef int _render_parse(Receiver self, zl_render *r, size_t n, size_t *fallbacks)
         m.payload = b + pos + 4
         pos += 4 + m.plen
         m.dest = _dest_of(r, m)
-        m.run = -1
-        m.obj = -1
-        p = <const unsigned char *>m.payload
-        if m.plen >= 14 and 0x85 <= p[0] <= 0x87 and memcmp(p + 1, RECORD_HEAD, 13) == 0:
-            if _parse_record(p, m.plen, m):
-                m.kind = R_RECORD
-                m.out_len = m.cid_len + 1 + m.src_len + 2 + m.line_len + 1
-            else:
-                m.kind = R_FALLBACK
-                fallbacks[0] += 1
-        elif _has_seed_sep(m.payload, m.plen):
-            m.kind = R_SEED
-            m.out_len = m.plen + 1
-        else:
-            m.kind = R_SKIP
-            self._malformed[BAD_SEED] += 1
-            self.malformed_total += 1
+        _render_classify(m, fallbacks, &bad_seed)
+    self._malformed[BAD_SEED] += bad_seed
+    self.malformed_total += bad_seed
     return 0
+
+
+cdef extern from *:
+    void __builtin_prefetch(const void *p) noexcept nogil
+
+
+cdef int _render_parse_body(Receiver self, zl_render *r, const char *tenant, size_t tlen,
+                            const char *service, size_t slen, const unsigned char *body,
+                            size_t n, size_t *records, size_t *record_bytes,
+                            size_t *fallbacks, size_t *bad_seed) except -2 nogil:
+    # render_batch: checks a batch body (as _batch_check, same complaints in the same order) and
+    # classifies its records where they are in the body, in one walk: the body was written by
+    # libzmq's I/O thread, often on the other core, so every cache line of it is a miss here;
+    # a second walk (check, then parse) paid them twice, each record's length a dependent load.
+    # Returns BATCH_OK, or the complaint with nothing counted (bad_seed is counted by the caller).
+    cdef size_t pos = 0, count = 0, total = 0
+    cdef uint32_t length
+    cdef zl_rmsg *m
+    cdef int32_t dest = -1
+    if n == 0:
+        return BATCH_BAD_EMPTY
+    _render_reset(r, 0)
+    while pos < n:
+        __builtin_prefetch(body + pos + 1024)
+        if n - pos < 4:
+            return BATCH_BAD_HEADER
+        length = _read_be32(body + pos)
+        pos += 4
+        if length > n - pos:
+            return BATCH_BAD_LENGTH
+        if length > self._max_frame_bytes:
+            return BATCH_BAD_SIZE
+        _reserve(<void **>&r.msgs, &r.msgs_cap, count + 1, sizeof(zl_rmsg))
+        m = &r.msgs[count]
+        m.tenant = tenant
+        m.tlen = <uint32_t>tlen
+        m.service = service
+        m.slen = <uint32_t>slen
+        m.plen = length
+        m.payload = <const char *>body + pos
+        if dest < 0:
+            dest = _dest_of(r, m)
+        m.dest = dest
+        _render_classify(m, fallbacks, bad_seed)
+        pos += length
+        total += length
+        count += 1
+    records[0] = count
+    record_bytes[0] = total
+    return BATCH_OK
+
+
+cdef inline void _render_classify(zl_rmsg *m, size_t *fallbacks, size_t *bad_seed) noexcept nogil:
+    cdef const unsigned char *p = <const unsigned char *>m.payload
+    m.run = -1
+    m.obj = -1
+    if m.plen >= 14 and 0x85 <= p[0] <= 0x87 and memcmp(p + 1, RECORD_HEAD, 13) == 0:
+        if _parse_record(p, m.plen, m):
+            m.kind = R_RECORD
+            m.out_len = m.cid_len + 1 + m.src_len + 2 + m.line_len + 1
+        else:
+            m.kind = R_FALLBACK
+            fallbacks[0] += 1
+    elif _has_seed_sep(m.payload, m.plen):
+        m.kind = R_SEED
+        m.out_len = m.plen + 1
+    else:
+        m.kind = R_SKIP
+        bad_seed[0] += 1
 
 
 cdef int _render_runs(zl_render *r, size_t n) except -1 nogil:
@@ -554,6 +620,98 @@ cdef void _render_copy(zl_render *r, size_t n) noexcept nogil:
             _put(w, m.py_line, m.out_len)
             continue
         w[0] = b'\n'
+
+
+cdef size_t _count_byte(const unsigned char *p, size_t n, unsigned char c) noexcept nogil:
+    # Eight bytes at a time: a byte of x ^ c is zero exactly where p holds c; the high bit of
+    # each byte of y is set for those bytes only (no false positives, unlike the usual haszero).
+    cdef uint64_t ones7 = 0x7f7f7f7f7f7f7f7fULL, x, y
+    cdef uint64_t pattern = 0x0101010101010101ULL * c
+    cdef size_t i = 0, count = 0
+    while i + 8 <= n:
+        memcpy(&x, p + i, 8)
+        x ^= pattern
+        y = ~(((x & ones7) + ones7) | x | ones7)
+        # One 0/1 per byte, summed into the top byte (a popcount without -mpopcnt is a call).
+        count += (((y >> 7) * 0x0101010101010101ULL) >> 56)
+        i += 8
+    while i < n:
+        count += p[i] == c
+        i += 1
+    return count
+
+
+def count_newlines(data):
+    """``data.count(b"\n")`` for any buffer, ~10x faster on long runs (the collector counts
+    the lines it writes: byte at a time, that was 12% of its time on 100-byte lines)."""
+    cdef const unsigned char[::1] view = data
+    cdef size_t n = view.shape[0], count
+    if n == 0:
+        return 0
+    with nogil:
+        count = _count_byte(&view[0], n, 10)
+    return count
+
+
+cdef zl_render *_render_scratch(Receiver self) except NULL:
+    if self._render == NULL:
+        self._render = calloc(1, sizeof(zl_render))
+        if self._render == NULL:
+            raise MemoryError()
+    return <zl_render *>self._render
+
+cdef list _render_finish(Receiver self, zl_render *r, size_t n, size_t fallbacks):
+    # Steps 2-4 of take_rendered, on messages that _render_parse(_body) classified.
+    cdef size_t i
+    cdef zl_rmsg *m
+    cdef zl_rrun *run
+    cdef zl_rdest *d
+    cdef list keep, runs, dest_objs, out
+    keep = []
+    if fallbacks:
+        for i in range(n):
+            m = &r.msgs[i]
+            if m.kind != R_FALLBACK:
+                continue
+            payload = PyBytes_FromStringAndSize(m.payload, m.plen)
+            try:
+                line = _py_render_text(payload)
+            except ProtocolError as exc:
+                self._malformed[MALFORMED_REASONS.index(exc.reason)] += 1
+                self.malformed_total += 1
+                m.kind = R_SKIP
+                continue
+            m.obj = len(keep)
+            if line is None:
+                m.kind = R_HELD
+                keep.append(payload)
+            else:
+                m.kind = R_PY
+                keep.append(line)
+                m.py_line = PyBytes_AS_STRING(line)
+                m.out_len = len(line)
+    with nogil:
+        _render_runs(r, n)
+    runs = []
+    for i in range(r.nruns):
+        run = &r.runs[i]
+        data = PyBytes_FromStringAndSize(NULL, run.size)
+        run.out = PyBytes_AS_STRING(data)
+        runs.append(data)
+    with nogil:
+        _render_copy(r, n)
+    dest_objs = [None] * <Py_ssize_t>r.ndests
+    out = []
+    for i in range(r.nruns):
+        run = &r.runs[i]
+        names = dest_objs[run.dest]
+        if names is None:
+            d = &r.dests[run.dest]
+            names = dest_objs[run.dest] = (PyBytes_FromStringAndSize(d.tenant, d.tlen),
+                                           PyBytes_FromStringAndSize(d.service, d.slen))
+        out.append((names[0], names[1], runs[i],
+                    keep[r.msgs[run.held].obj] if run.held >= 0 else None))
+    return out
 
 
 cdef class Receiver:
@@ -693,69 +851,51 @@ cdef class Receiver:
         Same output as zeroline._core_py.Receiver.take_rendered (see there): a list of
         ``(tenant, service, data, held)``.
         """
-        cdef size_t n = self._count, i, fallbacks = 0
+        cdef size_t n = self._count, fallbacks = 0
         cdef zl_render *r
-        cdef zl_rmsg *m
-        cdef zl_rrun *run
-        cdef zl_rdest *d
-        cdef list keep, runs, dest_objs, out
         if n == 0:
             _buf_reset(&self._batch)
             return []
-        if self._render == NULL:
-            self._render = calloc(1, sizeof(zl_render))
-            if self._render == NULL:
-                raise MemoryError()
-        r = <zl_render *>self._render
         # From here on the batch is consumed, whatever happens.
         try:
+            r = _render_scratch(self)
             with nogil:
                 _render_parse(self, r, n, &fallbacks)
-            keep = []
-            if fallbacks:
-                for i in range(n):
-                    m = &r.msgs[i]
-                    if m.kind != R_FALLBACK:
-                        continue
-                    payload = PyBytes_FromStringAndSize(m.payload, m.plen)
-                    try:
-                        line = _py_render_text(payload)
-                    except ProtocolError as exc:
-                        self._malformed[MALFORMED_REASONS.index(exc.reason)] += 1
-                        self.malformed_total += 1
-                        m.kind = R_SKIP
-                        continue
-                    m.obj = len(keep)
-                    if line is None:
-                        m.kind = R_HELD
-                        keep.append(payload)
-                    else:
-                        m.kind = R_PY
-                        keep.append(line)
-                        m.py_line = PyBytes_AS_STRING(line)
-                        m.out_len = len(line)
-            with nogil:
-                _render_runs(r, n)
-            runs = []
-            for i in range(r.nruns):
-                run = &r.runs[i]
-                data = PyBytes_FromStringAndSize(NULL, run.size)
-                run.out = PyBytes_AS_STRING(data)
-                runs.append(data)
-            with nogil:
-                _render_copy(r, n)
-            dest_objs = [None] * <Py_ssize_t>r.ndests
-            out = []
-            for i in range(r.nruns):
-                run = &r.runs[i]
-                names = dest_objs[run.dest]
-                if names is None:
-                    d = &r.dests[run.dest]
-                    names = dest_objs[run.dest] = (PyBytes_FromStringAndSize(d.tenant, d.tlen),
-                                                   PyBytes_FromStringAndSize(d.service, d.slen))
-                out.append((names[0], names[1], runs[i],
-                            keep[r.msgs[run.held].obj] if run.held >= 0 else None))
-            return out
+            return _render_finish(self, r, n, fallbacks)
         finally:
             _buf_reset(&self._batch)
             self._count = 0
+
+    def render_batch(self, tenant, service, body):
+        """``add_batch(tenant, service, body)`` then ``take_rendered()``, in one pass.
+
+        Same contract as zeroline._core_py.Receiver.render_batch. With no messages held, the
+        records are rendered from where they are in ``body`` (any buffer, e.g. a zmq frame's),
+        never copied into the receive batch first: one copy of every line fewer.
+        """
+        if self._count:
+            self.add_batch(tenant, service, body)
+            return self.take_rendered()
+        cdef bytes t = bytes(tenant)
+        cdef bytes s = bytes(service)
+        cdef const unsigned char[::1] view = body
+        cdef size_t n = view.shape[0]
+        cdef const unsigned char *p = &view[0] if n else NULL
+        cdef size_t records = 0, record_bytes = 0, fallbacks = 0, bad_seed = 0
+        cdef const char *tp = PyBytes_AS_STRING(t)
+        cdef const char *sp = PyBytes_AS_STRING(s)
+        cdef size_t tlen = len(t), slen = len(s)
+        cdef int rc
+        cdef zl_render *r = _render_scratch(self)
+        with nogil:
+            rc = _render_parse_body(self, r, tp, tlen, sp, slen, p, n, &records, &record_bytes,
+                                    &fallbacks, &bad_seed)
+        if rc == BATCH_OK and (tlen > self._max_frame_bytes or slen > self._max_frame_bytes):
+            rc = BATCH_BAD_DEST
+        if rc != BATCH_OK:
+            raise _malformed("batch", _BATCH_ERRORS[rc])
+        self.messages_total += records
+        self.bytes_total += record_bytes
+        self._malformed[BAD_SEED] += bad_seed
+        self.malformed_total += bad_seed
+        return _render_finish(self, r, records, fallbacks)
