@@ -17,7 +17,7 @@ import time
 import zmq
 
 from .. import core
-from .._core_py import ACK_KIND, decode_ack, encode_batch_message
+from .._core_py import ACK_KIND, decode_ack, encode_batch_message, tune_allocator
 from ..errors import ProtocolError
 from .sink import Sink
 
@@ -80,6 +80,7 @@ class AckedSink(Sink):
     framing = "msgpack"
 
     def __init__(self, options, context=None, report=None, spool=None):
+        tune_allocator()        # 256 KiB batches from the heap, not fresh pages each: see there
         if spool is None and options.spool_dir:
             from .spool import Spool
 
