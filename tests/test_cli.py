@@ -210,7 +210,7 @@ def test_missing_collector_is_reported_and_never_fatal_before_the_end(short_dir)
                     "--log-opt", "zmq-linger=300ms", input=b"x\n" * 10)
     assert proc.returncode == 1
     assert b"Traceback" not in proc.stderr
-    assert b"lines may be lost" in proc.stderr
+    assert b"10 messages not delivered" in proc.stderr
 
 
 def test_missing_input_file_is_a_usage_error(short_dir):

@@ -8,6 +8,7 @@ import argparse
 import atexit
 import dataclasses
 import os
+import select
 import shutil
 import signal
 import socket as _socket
@@ -357,6 +358,7 @@ class _Outcome:
         self.sink_stats = sink.stats()
         self.unsent_messages, self.undelivered_lines = sup.undelivered()
         self.stop_signal = None
+        self.unread_bytes = 0
         self.spooled = getattr(sink, "spool", None) is not None
 
     @property
@@ -364,7 +366,10 @@ class _Outcome:
         return self.stats["dropped_total"]
 
     def lost(self):
-        """Lines (or, for pub/push, messages) known not to reach the collector."""
+        """Lines (or, for pub/push, messages) known not to reach the collector; True when part
+        of a file input was left unread."""
+        if self.unread_bytes:
+            return True
         if self.spooled:
             return self.dropped
         return self.dropped + self.undelivered_lines
@@ -395,6 +400,8 @@ def _summary_line(sup, sink):
 
 def _report_end(outcome, sink, opts):
     """One line about what did not reach the collector, if anything (always on stderr)."""
+    if not getattr(sink, "peer_seen", True) and not getattr(sink, "_missing_reported", True):
+        _say("no collector at %s (nothing ever connected)" % sink.endpoint)
     if getattr(sink, "spool", None) is not None:
         batches, _ = sink.undelivered()
         if batches:
@@ -406,6 +413,10 @@ def _report_end(outcome, sink, opts):
         _say("%d %s not delivered: %s did not %s them within zmq-linger (%gs without progress)"
              % (outcome.undelivered_lines, what, sink.endpoint,
                 "acknowledge" if opts.socket == "acked" else "take", opts.linger_s))
+    if outcome.unread_bytes:
+        _say("stopped reading the input with %d bytes left: %s took nothing for zmq-linger "
+             "(%gs); forward it again once the collector is back, or use zmq-socket=acked with "
+             "spool-dir" % (outcome.unread_bytes, sink.endpoint, opts.linger_s))
     if outcome.dropped:
         _say("dropped %d lines (non-blocking buffer full; by stream: %s)" % (
             outcome.dropped, ", ".join("%s=%d" % kv
@@ -543,11 +554,13 @@ async def _pipeline(sink, opts, args, sources, child=None, metrics=None, display
         while sup._open:
             await asyncio.sleep(0.05)
             st = sup.stats()
-            progress = (st["bytes_total"], st["sent_total"])
+            progress = (st["bytes_total"], st["sent_total"], sink.progress_mark())
             if progress != last:
                 last, last_change = progress, time.monotonic()
             elif child is not None and time.monotonic() - last_change > EOF_STALL_S:
                 sup.stop_reading()
+            if child is None and not sup._final:
+                _notice_input_end(sup, opts, time.monotonic() - last_change, state)
         state["ending"] = True
         if state["signal"] is None:
             drain_task = asyncio.ensure_future(sup.drain(opts.linger_s))
@@ -566,7 +579,38 @@ async def _pipeline(sink, opts, args, sources, child=None, metrics=None, display
         sup.close()
     outcome = _Outcome(sup, sink)
     outcome.stop_signal = state["signal"]
+    outcome.unread_bytes = state.get("unread", 0)
     return sup, outcome
+
+
+def _writer_gone(fd):
+    # A pipe or FIFO whose writers all closed polls POLLHUP, even with data left in it.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+def _notice_input_end(sup, opts, stalled_s, state):
+    """`forward` while the sink refuses: its input may have ended behind the stopped copier.
+
+    A pipe whose writer is gone holds a bounded rest: read it all, then the end's wait applies.
+    A regular file is never 'ended' by a writer: after zmq-linger without any progress its
+    reading stops, and the unread rest is reported (never silently lost)."""
+    for copier in sup.copiers:
+        if copier.eof or copier.reading:
+            continue
+        if copier.pollable:
+            if _writer_gone(copier.fd):
+                sup.read_to_end()
+                return
+        elif stalled_s > opts.linger_s:
+            try:
+                offset = os.lseek(copier.fd, 0, os.SEEK_CUR)
+                size = os.fstat(copier.fd).st_size
+            except OSError:
+                offset = size = 0
+            state["unread"] = state.get("unread", 0) + max(0, size - offset)
+            copier.finish()
 
 
 def _finish(sup, sink, outcome, opts, args, embedded):
@@ -576,6 +620,10 @@ def _finish(sup, sink, outcome, opts, args, embedded):
     confirmed = sink.close() or opts.socket == "acked"
     expected = sup.stats()["sent_total"]
     paths = embedded.finish(expected, max(opts.linger_s, 5.0)) if embedded else []
+    if not confirmed and not getattr(sink, "peer_seen", True):
+        # Nothing ever connected: whatever libzmq took is still in its queue, gone with it.
+        outcome.undelivered_lines += expected
+        outcome.unsent_messages += expected
     if args.stats:
         _say(_summary_line(sup, sink))
     _report_end(outcome, sink, opts)

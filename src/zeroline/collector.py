@@ -173,6 +173,7 @@ class LogFile:
         self.max_files = max_files
         self.sync_on_close = sync_on_close
         self.rotations_total = 0
+        self.torn_bytes = 0     # bytes of a broken last line cut away at open (a crash)
         self.dirty = False          # written since the last sync()
         self._fd = -1
         self._done = 0
@@ -183,6 +184,32 @@ class LogFile:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                            | os.O_CLOEXEC, 0o644)
         self.size = os.fstat(self._fd).st_size
+        if self.size:
+            self._cut_torn_tail()
+
+    def _cut_torn_tail(self):
+        # Every write ends with "\n": a file that does not was cut by a crash (a write that a
+        # SIGKILL or power cut stopped halfway). The broken line is removed, so the next line
+        # does not glue onto it; an acked batch it belonged to was not recorded as written and
+        # is written again when its forwarder resends it.
+        with open(self.path, "rb") as f:
+            end = self.size
+            f.seek(end - 1)
+            if f.read(1) == b"\n":
+                return
+            start = end
+            while start > 0:
+                step = min(start, 65536)
+                f.seek(start - step)
+                block = f.read(step)
+                nl = block.rfind(b"\n")
+                if nl >= 0:
+                    start = start - step + nl + 1
+                    break
+                start -= step
+        os.truncate(self.path, start)
+        self.torn_bytes = end - start
+        self.size = start
 
     def write(self, data):
         """Append whole lines (``data``: bytes ending with ``"\\n"``), rotating between lines as
@@ -1230,6 +1257,9 @@ class Collector:
             if sync:
                 self._unsynced_dirs.add(self.out_dir)
             handle = LogFile(path, self.max_size, self.max_files, sync_on_close=sync)
+        if handle.torn_bytes:
+            self.warn("warning: %s ended in a broken line (%d bytes, an interrupted write); "
+                      "cut it away" % (handle.path, handle.torn_bytes))
         self._files[key] = handle
         self._paths.add(handle.path)
         return handle

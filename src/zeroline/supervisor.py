@@ -226,12 +226,11 @@ class Supervisor:
         parking: their lines queue in their streams and the final drain sends them or counts
         them. Without this, a collector that is away would keep ``run`` waiting forever."""
         self._final = True
+        self._parked.clear()
         for copier in self.copiers:
             copier.blocking = False
-        while self._parked:
-            copier = self._parked.popleft()
             if not copier.eof:
-                copier._start()
+                copier._start()     # parked, or stopped while the sink held or refused
 
     # -- sending ----------------------------------------------------------------------------------
     def hold(self):
