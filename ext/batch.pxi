@@ -114,3 +114,74 @@ cdef int _batch_append(zl_buffer *b, const char *tenant, size_t tlen, const char
         pos += 4 + length
     b.length = <size_t>(w - b.data)
     return 0
+
+
+cdef int _body_send(void *sock, const char *tenant, size_t tlen, const char *service,
+                    size_t slen, const unsigned char *p, size_t n, size_t *offset,
+                    int *err) noexcept nogil:
+    # Sends the records of a checked body from offset[0] as [tenant, service, record] messages
+    # until done or the socket refuses a first frame (EAGAIN): a spooled batch of a pub/push
+    # sink going out. offset[0] is left at the first record not sent.
+    cdef size_t pos = offset[0]
+    cdef uint32_t length
+    cdef int rc, e
+    while pos < n:
+        length = _read_be32(p + pos)
+        rc = zmq_send(sock, tenant, tlen, ZMQ_SNDMORE | ZMQ_DONTWAIT)
+        if rc < 0:
+            e = zmq_errno()
+            if e == EAGAIN or e == EINTR:
+                break
+            err[0] = e
+            offset[0] = pos
+            return SEND_ERROR
+        # Committed: later frames of a message never hit EAGAIN (as in _send_some).
+        while True:
+            rc = zmq_send(sock, service, slen, ZMQ_SNDMORE)
+            if rc >= 0 or zmq_errno() != EINTR:
+                break
+        if rc >= 0:
+            while True:
+                rc = zmq_send(sock, p + pos + 4, length, 0)
+                if rc >= 0 or zmq_errno() != EINTR:
+                    break
+        if rc < 0:
+            err[0] = zmq_errno()
+            offset[0] = pos
+            return SEND_ERROR
+        pos += 4 + length
+    offset[0] = pos
+    return SEND_DONE if pos >= n else SEND_WOULD_BLOCK
+
+
+def send_body(socket, tenant, service, body, size_t offset=0):
+    """Send a batch body's records, from byte ``offset``, as 3-frame messages
+    ``[tenant, service, record]`` without waiting; returns the offset of the first record not
+    sent (``len(body)`` when all went). Same as zeroline._core_py.send_body.
+
+    Raises:
+        ProtocolError: ``reason == "batch"``, a malformed body (nothing is sent).
+        TransportError: a send error.
+    """
+    cdef void *sock = _socket_handle(socket)
+    cdef const unsigned char[::1] view = body
+    cdef const unsigned char *p = &view[0] if view.shape[0] else NULL
+    cdef size_t n = view.shape[0], records = 0, record_bytes = 0
+    cdef bytes tb = _as_bytes(tenant, "tenant")
+    cdef bytes sb = _as_bytes(service, "service")
+    cdef const char *t = tb
+    cdef const char *s = sb
+    cdef size_t tlen = len(tb), slen = len(sb)
+    cdef int rc, err = 0
+    cdef int check
+    with nogil:
+        check = _batch_check(p, n, <size_t>-1, &records, &record_bytes)
+    if check != BATCH_OK:
+        raise _malformed("batch", _BATCH_ERRORS[check])
+    if offset > n:
+        raise ConfigError("offset %d is past the end of the body (%d bytes)" % (offset, n))
+    with nogil:
+        rc = _body_send(sock, t, tlen, s, slen, p, n, &offset, &err)
+    if rc == SEND_ERROR:
+        raise _zmq_error(err, "zmq send failed")
+    return offset

@@ -248,7 +248,7 @@ def test_sigterm_while_waiting_for_a_peer_flushes_and_exits(short_dir):
                              "--log-opt", "zmq-peer-wait=0", "--log-opt", "zmq-linger=200ms"],
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(0.5)
+        time.sleep(2.0)     # past the interpreter's start-up, when the handler is in place
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT_S) == 0
     finally:

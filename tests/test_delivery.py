@@ -346,3 +346,48 @@ def _records(body):
     from zeroline.core import split_batch
 
     return [msgpack.unpackb(record, raw=False)["line"] for record in split_batch(body)]
+
+
+@pytest.mark.parametrize("socket_kind", ["push", "pub"])
+def test_pub_and_push_spool_hold_an_outage_and_a_later_run_sends_it(work, socket_kind):
+    # The spool as an outage buffer for the original wire: the program runs to its end with no
+    # collector, everything waits on disk, and the next forward with the spool delivers it.
+    spool_dir = os.path.join(work, "spool")
+    endpoint = "ipc://%s/later.ipc" % work
+    opts = ["--container-id", CID, "--log-opt", "zmq-address=" + endpoint, "--log-opt",
+            "zmq-socket=" + socket_kind, "--log-opt", "spool-dir=" + spool_dir]
+    lines = 100_000
+    first = subprocess.run(zl("forward", *opts, "--log-opt", "zmq-linger=300ms"),
+                           input=b"".join(b"%d\n" % i for i in range(1, lines + 1)),
+                           capture_output=True, timeout=HANG_S)
+    assert first.returncode == 0, first.stderr
+    assert b"kept in spool" in first.stderr
+    out = os.path.join(work, "out")
+    bind = "--bind" if socket_kind == "push" else "--bind-sub"
+    collector = subprocess.Popen(zl("collect", bind, endpoint, "--out", out),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        ipc = endpoint[len("ipc://"):]
+        deadline = time.monotonic() + 30
+        while not os.path.exists(ipc) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = subprocess.run(zl("forward", *opts), stdin=subprocess.DEVNULL,
+                                capture_output=True, timeout=HANG_S)
+        assert second.returncode == 0, second.stderr
+        assert b"left by an earlier run" in second.stderr
+        deadline = time.monotonic() + HANG_S
+        path = os.path.join(out, "default", "default.log")
+        while time.monotonic() < deadline:
+            if os.path.exists(path) and os.path.getsize(path) >= lines * len("c0ffee: 1\n"):
+                break
+            time.sleep(0.05)
+    finally:
+        collector.send_signal(signal.SIGTERM)
+        collector.wait(30)
+    with open(path, "rb") as f:
+        got = [int(line.split(b": ", 1)[1]) for line in f]
+    assert got == list(range(1, lines + 1))
+    from zeroline.transport.spool import Spool
+
+    with Spool(spool_dir) as spool:
+        assert spool.unsent_count() == 0       # each batch left the spool once libzmq took it

@@ -838,3 +838,33 @@ def decode_ack(frames):
     if kind != ACK_KIND:
         raise _malformed("ack", "not an ack: kind %r" % (kind[:16],))
     return _stream_id(stream_id, "ack"), _seq_value(seq, 0, "ack")
+
+
+def send_body(socket, tenant, service, body, offset=0):
+    """Send a batch body's records, from byte ``offset``, as 3-frame messages
+    ``[tenant, service, record]`` without waiting; returns the offset of the first record not
+    sent (``len(body)`` when all went). A pub/push sink sends its spooled batches with it.
+
+    Raises:
+        ProtocolError: ``reason == "batch"``, a malformed body (nothing is sent).
+        TransportError: a send error.
+    """
+    split_batch(body)
+    tenant, service = _as_bytes(tenant, "tenant"), _as_bytes(service, "service")
+    size = len(body)
+    if not isinstance(offset, int) or not 0 <= offset <= size:
+        raise ConfigError("offset %r is past the end of the body (%d bytes)" % (offset, size))
+    view = memoryview(body).cast("B")
+    try:
+        while offset < size:
+            length = int.from_bytes(view[offset:offset + 4], "big")
+            try:
+                socket.send(tenant, zmq.SNDMORE | zmq.DONTWAIT, copy=True)
+            except zmq.Again:
+                break
+            socket.send(service, zmq.SNDMORE, copy=True)
+            socket.send(view[offset + 4:offset + 4 + length], 0, copy=True)
+            offset += 4 + length
+    except zmq.ZMQError as exc:
+        raise TransportError("zmq send failed: %s" % exc.strerror, exc.errno) from None
+    return offset

@@ -405,9 +405,10 @@ def _report_end(outcome, sink, opts):
     if getattr(sink, "spool", None) is not None:
         batches, _ = sink.undelivered()
         if batches:
-            _say("%d batches not yet acknowledged by %s: kept in spool %s; the next zeroline "
-                 "with spool-dir=%s sends them" % (batches, sink.endpoint, opts.spool_dir,
-                                                   opts.spool_dir))
+            _say("%d batches not yet %s by %s: kept in spool %s; the next zeroline with "
+                 "spool-dir=%s sends them" % (
+                     batches, "acknowledged" if opts.socket == "acked" else "taken",
+                     sink.endpoint, opts.spool_dir, opts.spool_dir))
     elif outcome.undelivered_lines:
         what = "lines" if opts.socket == "acked" else "messages"
         _say("%d %s not delivered: %s did not %s them within zmq-linger (%gs without progress)"

@@ -322,6 +322,30 @@ def _parse_string(text: object) -> str:
     return _require_str(text)
 
 
+def _parse_curve_public_key(text: object) -> bytes | None:
+    text = _require_str(text)
+    if not text:
+        return None
+    from zeroline.keys import load_public_key  # imports zmq: only when CURVE is asked for
+
+    try:
+        return load_public_key(text)
+    except ConfigError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+def _parse_curve_secret_key(text: object) -> tuple[bytes, bytes] | None:
+    text = _require_str(text)
+    if not text:
+        return None
+    from zeroline.keys import load_secret_key
+
+    try:
+        return load_secret_key(text)
+    except ConfigError as exc:
+        raise _Invalid(str(exc)) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # The options table
 
@@ -332,7 +356,7 @@ class LogOpt:
 
     ``default`` is the string a user would write (``"5s"``, ``"16384"``), or None when the option
     has no default; ``kind`` names the value type (endpoint, choice, int, binary-size, duration,
-    bool, list, regex, template, string); ``choices`` lists the accepted words of a choice.
+    bool, list, regex, template, string, path, curve-public-key, curve-secret-key); ``choices`` lists the accepted words of a choice.
     """
 
     name: str
@@ -386,12 +410,20 @@ OPTIONS: dict[str, LogOpt] = {
         ),
         LogOpt(
             "spool-dir", "path", None,
-            "acked: keep every batch in this directory until it is acknowledged; replayed by the "
-            "next run.",
+            "Keep batches on disk here until sent (pub/push) or acknowledged (acked); resumed "
+            "by the next run.",
         ),
         LogOpt(
             "spool-max-size", "binary-size", "1g",
-            "acked with spool-dir: most disk the spool may use; then the mode's backpressure.",
+            "With spool-dir: most disk the spool may use; then the mode's backpressure.",
+        ),
+        LogOpt(
+            "zmq-curve-server-key", "curve-public-key", None,
+            "CURVE: the collector's public key, 40 Z85 characters or its .key certificate file.",
+        ),
+        LogOpt(
+            "zmq-curve-key", "curve-secret-key", None,
+            "CURVE: this forwarder's secret certificate file (NAME.key_secret, mode 0600).",
         ),
         LogOpt(
             "mode", "choice", "blocking",
@@ -454,6 +486,8 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "template": _parse_tag,
     "string": _parse_string,
     "path": _parse_spool_dir,
+    "curve-public-key": _parse_curve_public_key,
+    "curve-secret-key": _parse_curve_secret_key,
 }
 # Range checks beyond the kind's own parser.
 _SPECIAL_PARSERS: dict[str, Callable[[object], Any]] = {
@@ -496,6 +530,9 @@ class ZmqOptions:
     env: tuple[str, ...] = ()
     env_regex: re.Pattern[str] | None = None
     tag: str | None = None
+    #: CURVE: the collector's public key (Z85), and this side's (public, secret) key pair (Z85).
+    curve_server_key: bytes | None = None
+    curve_key: tuple[bytes, bytes] | None = None
     raw: dict[str, str] = field(default_factory=dict)
 
 
@@ -518,6 +555,8 @@ _ATTRIBUTES = {
     "env": "env",
     "env-regex": "env_regex",
     "tag": "tag",
+    "zmq-curve-server-key": "curve_server_key",
+    "zmq-curve-key": "curve_key",
 }
 
 
@@ -571,6 +610,17 @@ def validate_log_opts(
             values[name] = _parse_option(name, raw[name])
         elif opt.default is not None:
             values[name] = _parse_option(name, opt.default)
+    if (values.get("zmq-curve-server-key") is None) != (values.get("zmq-curve-key") is None):
+        given, missing = (
+            ("zmq-curve-server-key", "zmq-curve-key")
+            if values.get("zmq-curve-server-key") is not None
+            else ("zmq-curve-key", "zmq-curve-server-key")
+        )
+        raise ConfigError(
+            f"invalid {given} {_q(raw[given])}: CURVE needs both zmq-curve-server-key (the "
+            f"collector's public key) and zmq-curve-key (this side's secret key); {missing} is "
+            f"missing"
+        )
     if values.get("zmq-socket") == "acked":
         if raw.get("zmq-framing") == "seed":
             raise ConfigError(
@@ -579,7 +629,7 @@ def validate_log_opts(
             )
         values["zmq-framing"] = "msgpack"
     else:
-        for name in ("spool-dir", "spool-max-size", "zmq-window"):
+        for name in ("zmq-window",):
             if name in raw:
                 raise ConfigError(
                     f"invalid {name} {_q(raw[name])}: only used with zmq-socket=acked "

@@ -50,6 +50,8 @@ encode_batch_message = _core_py.encode_batch_message
 decode_batch_message = _core_py.decode_batch_message
 encode_ack = _core_py.encode_ack
 decode_ack = _core_py.decode_ack
+# A pub/push sink sends its spooled batches record by record without the GIL.
+send_body = _impl.send_body
 
 
 def implementations():

@@ -10,44 +10,18 @@ program's progress, and a later process replays what this one could not deliver.
 Python runs once per batch (hundreds of lines), never once per line.
 """
 
-import collections
-import os
 import time
 
 import zmq
 
-from .. import core
 from .._core_py import ACK_KIND, decode_ack, encode_batch_message, tune_allocator
 from ..errors import ProtocolError
-from .sink import Sink
+from .sink import BATCH_MAX_BYTES, MONITOR_EVENTS, Sink, _StreamState
 
-#: Largest batch body taken from a stream at once (the spec's BATCH_MAX_BYTES).
-BATCH_MAX_BYTES = getattr(core._impl, "BATCH_MAX_BYTES", 256 * 1024)
 #: Without an ack for this long while batches are unacknowledged, every one is sent again.
 ACK_TIMEOUT_S = 5.0
 #: After a gap ack (one that does not advance), a stream's window is resent at most this often.
 GAP_RESEND_S = 0.5
-#: Stream ids are at most this long (the spec's limit).
-MAX_STREAM_ID = 255
-
-
-class _StreamState:
-    """Sequence numbers and the unacknowledged batches of one stream id."""
-
-    __slots__ = ("stream_id", "tenant", "service", "next_seq", "acked", "inflight",
-                 "overflow", "lines_acked", "gap_resent_at", "gap_seen")
-
-    def __init__(self, stream_id, tenant, service, next_seq):
-        self.stream_id = stream_id
-        self.tenant = tenant
-        self.service = service
-        self.next_seq = next_seq
-        self.acked = next_seq - 1
-        self.inflight = collections.deque()     # _Batch, in seq order
-        self.overflow = None                    # a batch the full spool refused: (seq, body, n)
-        self.lines_acked = 0
-        self.gap_resent_at = 0.0
-        self.gap_seen = False
 
 
 class _Batch:
@@ -81,20 +55,12 @@ class AckedSink(Sink):
 
     def __init__(self, options, context=None, report=None, spool=None):
         tune_allocator()        # 256 KiB batches from the heap, not fresh pages each: see there
-        if spool is None and options.spool_dir:
-            from .spool import Spool
-
-            spool = Spool(options.spool_dir, max_bytes=options.spool_max_size)
-        self.spool = spool
+        spool = self._open_spool(options, spool)
         self.window = options.window
-        self.instance = spool.instance_id if spool is not None else os.urandom(8).hex()
-        self._streams = {}              # Stream -> _StreamState
-        self._by_id = {}                # stream id -> _StreamState (replayed ones too)
         self._inflight = 0              # batches sent and not acknowledged, all streams
         self._inflight_lines = 0
         self._last_progress = time.monotonic()
         self._timeout_reported = False
-        self._spool_full_reported = False
         self.batches_sent_total = 0
         self.lines_sent_total = 0       # records of first sends (not resends), per batch
         self.batches_resent_total = 0
@@ -123,69 +89,28 @@ class AckedSink(Sink):
         sock.setsockopt(zmq.RCVHWM, 0)
         # Unacknowledged batches are resent or kept in the spool: waiting at close adds nothing.
         sock.setsockopt(zmq.LINGER, 0)
-        self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-
-    # -- streams ----------------------------------------------------------------------------
-    def _register(self, stream, info, source):
-        cid = info.container_id or "-"
-        sid = ("%s/%s/%s" % (self.instance, cid, source)).encode("utf-8", "surrogateescape")
-        sid = sid[:MAX_STREAM_ID]
-        state = self._by_id.get(sid)
-        if state is None:
-            first = self.spool.next_seq(sid) if self.spool is not None else 1
-            state = self._by_id[sid] = _StreamState(sid, stream.tenant, stream.service, first)
-        self._streams[stream] = state
-
-    def forget(self, stream):
-        self._streams.pop(stream, None)
-
-    def stream_id(self, stream):
-        return self._streams[stream].stream_id
+        self._monitor = sock.get_monitor_socket(MONITOR_EVENTS)
 
     # -- sending ------------------------------------------------------------------------------
     def offer(self, stream):
-        state = self._streams[stream]
-        spool = self.spool
-        if state.overflow is not None and not self._spool_overflow(state):
-            return False
-        while stream.pending_messages:
-            if spool is None:
-                if self._inflight >= self.window:
-                    # ZMQ_FD is edge-triggered and a send may have taken the edge of an ack
-                    # that is already here: look before refusing (a getsockopt, cheap).
-                    self._take_acks()
-                    if self._inflight >= self.window:
-                        return False
-                body, lines, _ = stream.take_batch(BATCH_MAX_BYTES)
-                seq = state.next_seq
-                state.next_seq += 1
-                self._send(_Batch(state, seq, encode_batch_message(
-                    state.tenant, state.service, state.stream_id, seq, body), lines))
-            else:
-                body, lines, _ = stream.take_batch(BATCH_MAX_BYTES)
-                state.overflow = (state.next_seq, body, lines)
-                state.next_seq += 1
-                if not self._spool_overflow(state):
-                    return False
-        if spool is not None:
+        if self.spool is not None:
+            if not self._spool_stream(stream):
+                return False
             self._pump_spool()
-        return True
-
-    def _spool_overflow(self, state):
-        from .spool import SpoolFull
-
-        seq, body, lines = state.overflow
-        try:
-            self.spool.append(state.stream_id, seq, state.tenant, state.service, body, lines)
-        except SpoolFull as exc:
-            if not self._spool_full_reported:
-                self._spool_full_reported = True
-                self.report("%s: %s" % (exc, self.hold_text()))
-            return False
-        self._spool_full_reported = False
-        state.overflow = None
-        self._pump_spool()
+            return True
+        state = self._streams[stream]
+        while stream.pending_messages:
+            if self._inflight >= self.window:
+                # ZMQ_FD is edge-triggered and a send may have taken the edge of an ack that is
+                # already here: look before refusing (a getsockopt, cheap).
+                self._take_acks()
+                if self._inflight >= self.window:
+                    return False
+            body, lines, _ = stream.take_batch(BATCH_MAX_BYTES)
+            seq = state.next_seq
+            state.next_seq += 1
+            self._send(_Batch(state, seq, encode_batch_message(
+                state.tenant, state.service, state.stream_id, seq, body), lines))
         return True
 
     def _pump_spool(self):
@@ -314,17 +239,8 @@ class AckedSink(Sink):
         return self._inflight < self.window
 
     # -- state --------------------------------------------------------------------------------
-    @property
-    def spool_full(self):
-        """True while the spool refuses batches (its size limit or a full disk)."""
-        return self._spool_full_reported
-
     def idle(self):
-        if self._inflight:
-            return False
-        if any(state.overflow is not None for state in self._by_id.values()):
-            return False
-        return self.spool is None or not self.spool.unsent_count()
+        return not self._inflight and self._spool_idle()
 
     def undelivered(self):
         """``(batches, lines)`` not acknowledged: in flight, refused by a full spool, or in the

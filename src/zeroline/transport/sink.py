@@ -6,6 +6,9 @@ and refuses messages only when its queues are full, which the supervisor turns i
 backpressure (blocking: stop reading; non-blocking: queue, then drop and count).
 """
 
+import collections
+import ipaddress
+import os
 import sys
 import time
 
@@ -17,6 +20,19 @@ from ..errors import TransportError
 
 #: How often a waiting loop wakes to look at signals and deadlines.
 _WAKE_S = 0.1
+#: Largest batch body taken from a stream at once (docs/acked-protocol.md's BATCH_MAX_BYTES).
+BATCH_MAX_BYTES = getattr(core._impl, "BATCH_MAX_BYTES", 256 * 1024)
+#: Stream ids are at most this long (the spec's limit).
+MAX_STREAM_ID = 255
+#: Monitor events of a failed ZMTP handshake. Measured with libzmq 4.3.5: a CURVE client with the
+#: wrong server key gets NO_DETAIL (the server cannot decrypt our HELLO and hangs up), a key the
+#: collector's ZAP handler refuses gets AUTH (status 400), CURVE on one side only gets PROTOCOL
+#: (mechanism mismatch) on both sides. libzmq keeps reconnecting; they repeat.
+HANDSHAKE_FAILED_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                           | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+#: What a sink's monitor watches: a peer came or went, or a handshake failed.
+MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                  | HANDSHAKE_FAILED_EVENTS)
 
 
 def _log(text):
@@ -26,6 +42,61 @@ def _log(text):
 
 def _zmq_failure(what, exc, endpoint):
     return TransportError("%s %s: %s" % (what, endpoint, exc.strerror), exc.errno, endpoint)
+
+
+def exposed_tcp_host(endpoint):
+    """The host of a ``tcp://`` endpoint that is not a loopback address (``*`` and ``0.0.0.0``
+    included: a bind there listens on every interface), or None: plaintext there is readable by
+    others. Host names other than ``localhost`` count as exposed (no DNS lookup here)."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return None
+    host = rest.rpartition(":")[0]
+    if ";" in host:         # tcp://SOURCE;HOST:PORT
+        host = host.rpartition(";")[2]
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if bare == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(bare).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return host
+
+
+def _handshake_failure_text(what, value, endpoint):
+    # One line per kind of failure (see HANDSHAKE_FAILED_EVENTS for what each means).
+    if what == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return ("collector at %s refused our CURVE key (not on its allow-list? status %d); "
+                "nothing is delivered" % (endpoint, value))
+    if (what == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            and value == getattr(zmq, "PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH", -1)):
+        return ("handshake with %s failed: CURVE is on at one end only (set zmq-curve-server-key "
+                "and zmq-curve-key here, and --curve-secret-key on the collector, or neither); "
+                "nothing is delivered" % endpoint)
+    return ("handshake with %s failed: is CURVE on at both ends and the server key right? "
+            "nothing is delivered" % endpoint)
+
+
+class _StreamState:
+    """A stream id's sequence numbers (spool and acked protocol) and, for an acked sink, its
+    unacknowledged batches."""
+
+    __slots__ = ("stream_id", "tenant", "service", "next_seq", "acked", "inflight",
+                 "overflow", "lines_acked", "gap_resent_at", "gap_seen")
+
+    def __init__(self, stream_id, tenant, service, next_seq):
+        self.stream_id = stream_id
+        self.tenant = tenant
+        self.service = service
+        self.next_seq = next_seq
+        self.acked = next_seq - 1
+        self.inflight = collections.deque()     # _Batch, in seq order
+        self.overflow = None                    # a batch the full spool refused: (seq, body, n)
+        self.lines_acked = 0
+        self.gap_resent_at = 0.0
+        self.gap_seen = False
 
 
 class Sink:
@@ -65,8 +136,11 @@ class Sink:
         # When `connected` last changed (read by /healthz: how long the collector has been away).
         self.peer_changed_at = self._started
         self._missing_reported = False
+        self._failures_reported = set()     # kinds of handshake failure said already
+        self.handshake_failures_total = 0
         try:
             self._setup()
+            self._setup_curve()
             self.socket.connect(self.endpoint)
         except zmq.ZMQError as exc:
             self._abort()
@@ -75,8 +149,27 @@ class Sink:
 
     def _setup(self):
         self.socket.setsockopt(zmq.LINGER, int(self.options.linger_s * 1000))
-        self._monitor = self.socket.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._monitor = self.socket.get_monitor_socket(MONITOR_EVENTS)
+
+    def _setup_curve(self):
+        # After the subclass's options and before connect: CURVE keys (zmq-curve-server-key and
+        # zmq-curve-key), or a warning when lines would cross a network in plaintext. A socket
+        # without a monitor (XPUB: its subscriptions are the peer signal) gets one that watches
+        # handshake failures only, so a refused key is still said.
+        opts = self.options
+        sock = self.socket
+        if opts.curve_server_key is not None:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, opts.curve_server_key)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, opts.curve_key[0])
+            sock.setsockopt(zmq.CURVE_SECRETKEY, opts.curve_key[1])
+        else:
+            host = exposed_tcp_host(self.endpoint)
+            if host is not None:
+                self.report("warning: lines to %s go unencrypted and the collector is not "
+                            "authenticated (set zmq-curve-server-key and zmq-curve-key for CURVE)"
+                            % self.endpoint)
+        if self._monitor is None:
+            self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED_EVENTS)
 
     # -- streams ----------------------------------------------------------------------------
     def stream(self, info: ContainerInfo, source="stdout", id_seed=None, entries=False,
@@ -101,11 +194,86 @@ class Sink:
         self._register(stream, info, source)
         return stream
 
+    # -- stream ids and the spool (pub/push with spool-dir, and acked) ----------------------
+    spool = None
+    _streams = None
+
+    def _open_spool(self, options, spool=None):
+        """Before the socket: the spool of ``spool-dir`` (or the one given), the instance id
+        that stream ids start with (kept in the spool, so a later process goes on with the same
+        streams and sequence numbers), and the stream tables."""
+        if spool is None and options.spool_dir:
+            from .spool import Spool
+
+            spool = Spool(options.spool_dir, max_bytes=options.spool_max_size)
+        self.spool = spool
+        self.instance = spool.instance_id if spool is not None else os.urandom(8).hex()
+        self._streams = {}              # Stream -> _StreamState
+        self._by_id = {}                # stream id -> _StreamState (replayed ones too)
+        self._spool_full_reported = False
+        return spool
+
     def _register(self, stream, info, source):
-        pass
+        if self._streams is None:
+            return
+        cid = info.container_id or "-"
+        sid = ("%s/%s/%s" % (self.instance, cid, source)).encode("utf-8", "surrogateescape")
+        sid = sid[:MAX_STREAM_ID]
+        state = self._by_id.get(sid)
+        if state is None:
+            first = self.spool.next_seq(sid) if self.spool is not None else 1
+            state = self._by_id[sid] = _StreamState(sid, stream.tenant, stream.service, first)
+        self._streams[stream] = state
 
     def forget(self, stream):
         """The stream ended and everything it had left the sink's hands (or was counted)."""
+        if self._streams is not None:
+            self._streams.pop(stream, None)
+
+    def stream_id(self, stream):
+        return self._streams[stream].stream_id
+
+    def _spool_stream(self, stream):
+        """Move ``stream``'s pending messages into the spool as batches; False when the spool
+        is full (the batch in hand waits in ``state.overflow``, in order, for room)."""
+        state = self._streams[stream]
+        if state.overflow is not None and not self._spool_overflow(state):
+            return False
+        while stream.pending_messages:
+            body, lines, _ = stream.take_batch(BATCH_MAX_BYTES)
+            state.overflow = (state.next_seq, body, lines)
+            state.next_seq += 1
+            if not self._spool_overflow(state):
+                return False
+        return True
+
+    def _spool_overflow(self, state):
+        from .spool import SpoolFull
+
+        seq, body, lines = state.overflow
+        try:
+            self.spool.append(state.stream_id, seq, state.tenant, state.service, body, lines)
+        except SpoolFull as exc:
+            if not self._spool_full_reported:
+                self._spool_full_reported = True
+                self.report("%s: %s" % (exc, self.hold_text()))
+            return False
+        self._spool_full_reported = False
+        state.overflow = None
+        self._pump_spool()
+        return True
+
+    def _spool_idle(self):
+        if self.spool is None:
+            return True
+        if any(state.overflow is not None for state in self._by_id.values()):
+            return False
+        return not self.spool.unsent_count()
+
+    @property
+    def spool_full(self):
+        """True while the spool refuses batches for lack of room."""
+        return self._spool_full_reported
 
     # -- peers --------------------------------------------------------------------------------
     def _peer_events(self):
@@ -116,7 +284,15 @@ class Sink:
         while monitor.poll(0, zmq.POLLIN):
             event = monitor.recv_multipart()
             what = int.from_bytes(event[0][:2], "little")
-            if what == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if what & HANDSHAKE_FAILED_EVENTS:
+                # libzmq retries by itself; say it once per kind, never raise.
+                self.handshake_failures_total += 1
+                value = int.from_bytes(event[0][2:6], "little")
+                kind = (what, value if what == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL else 0)
+                if kind not in self._failures_reported:
+                    self._failures_reported.add(kind)
+                    self.report(_handshake_failure_text(what, value, self.endpoint))
+            elif what == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if self.disconnects_total and not self.connected:
                     self.report("collector at %s is back" % self.endpoint)
                 self.connected = True
@@ -195,7 +371,8 @@ class Sink:
         return 0
 
     def stats(self):
-        return {"disconnects_total": self.disconnects_total}
+        return {"disconnects_total": self.disconnects_total,
+                "handshake_failures_total": self.handshake_failures_total}
 
     # -- closing ----------------------------------------------------------------------------------
     def close(self, linger_s=None):
@@ -251,13 +428,33 @@ class ZmqSink(Sink):
     so nothing sent before the collector subscribed vanishes. ``push`` gives a PUSH socket: its
     messages queue (up to zmq-hwm) while no puller is connected.
 
+    With ``spool-dir``, the spool is an outage buffer: every read's messages go to disk as one
+    batch, and leave it once libzmq took all of them (the wire stays one message per line). A
+    collector that is away then costs disk, not the program's progress; a later process with
+    the same spool sends what this one could not. Still at-most-once across a collector restart:
+    what libzmq took and the collector did not write is gone, and a batch cut off halfway by an
+    exit is sent again whole (its first part twice).
+
     Delivery is at-most-once across collector restarts: ZeroMQ has no receipts, so messages in
     flight when a collector dies are lost. Use ``zmq-socket=acked`` when every line matters.
     """
 
-    def __init__(self, options: ZmqOptions, context=None, report=None):
+    def __init__(self, options: ZmqOptions, context=None, report=None, spool=None):
         self.kind = zmq.XPUB if options.socket == "pub" else zmq.PUSH
-        super().__init__(options, context, report)
+        spool = self._open_spool(options, spool) if (spool or options.spool_dir) else None
+        self._current = None        # the spooled batch being sent, and how far it went
+        self._offset = 0
+        self.spooled_messages_sent_total = 0
+        try:
+            super().__init__(options, context, report)
+        except BaseException:
+            if spool is not None:
+                spool.close()
+            raise
+        if spool is not None and spool.unsent_count():
+            self.report("spool %s: %d batches left by an earlier run; sending them first"
+                        % (options.spool_dir, spool.unsent_count()))
+            self._pump_spool()
 
     def _setup(self):
         self.socket.setsockopt(zmq.SNDHWM, self.options.hwm)
@@ -266,11 +463,21 @@ class ZmqSink(Sink):
             self.socket.setsockopt(zmq.XPUB_NODROP, 1)
         else:
             super()._setup()
+            if self.spool is not None:
+                # Without a connected puller, refuse instead of queueing in libzmq, where an
+                # exit would lose what the spool already let go.
+                self.socket.setsockopt(zmq.IMMEDIATE, 1)
+
+    @property
+    def watch_always(self):
+        # A spool drains as the socket takes more: its fd is watched all the time.
+        return self.spool is not None
 
     @property
     def holding(self):
-        # XPUB drops what matches no subscriber: hold everything until the first subscription.
-        return self.kind == zmq.XPUB and not self.poll_peer(0)
+        # XPUB drops what matches no subscriber: hold everything until the first subscription
+        # (with a spool, the spool holds it and reading goes on).
+        return self.kind == zmq.XPUB and self.spool is None and not self.poll_peer(0)
 
     def poll_peer(self, timeout_ms=0):
         if self.kind != zmq.XPUB:
@@ -279,15 +486,69 @@ class ZmqSink(Sink):
             # The subscription message is only a signal.
             self.socket.recv_multipart()
             self.peer_seen = True
+        self._peer_events()
         return self.peer_seen
 
     def offer(self, stream):
-        stream.send(self.socket, block=False)
-        return not stream.pending_messages
+        if self.spool is None:
+            stream.send(self.socket, block=False)
+            return not stream.pending_messages
+        if not self._spool_stream(stream):
+            return False
+        self._pump_spool()
+        return True
+
+    def _pump_spool(self):
+        # Oldest spooled batch first, record by record (compiled, no GIL), until the socket
+        # refuses; a batch leaves the spool once libzmq took all its messages.
+        if self.kind == zmq.XPUB and not self.poll_peer(0):
+            return
+        spool = self.spool
+        while True:
+            if self._current is None:
+                self._current = spool.next_unsent()
+                self._offset = 0
+                if self._current is None:
+                    return
+            record = self._current
+            start = self._offset
+            self._offset = core.send_body(self.socket, record.tenant, record.service,
+                                          record.body, start)
+            if self._offset < len(record.body):
+                return
+            spool.release(record.stream_id, record.seq)
+            self.spooled_messages_sent_total += record.lines
+            self._current = None
+
+    def on_event(self):
+        if self.spool is None:
+            return super().on_event()
+        if self.socket.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            self._pump_spool()
+        return not self.spool_full
+
+    def tick(self):
+        super().tick()
+        if self.spool is not None:
+            self._pump_spool()
+            return not self.spool_full
+        return False
+
+    def idle(self):
+        return self._current is None and self._spool_idle()
 
     def undelivered(self):
-        return 0, 0
+        """With a spool: ``(batches, 0)`` still in it (their lines are on disk, not lost)."""
+        if self.spool is None:
+            return 0, 0
+        return self.spool.unsent_count() + (self._current is not None), 0
 
+    def close(self, linger_s=None):
+        try:
+            return super().close(linger_s)
+        finally:
+            if self.spool is not None:
+                self.spool.close()
 
 
 class SocketSink:
