@@ -391,3 +391,23 @@ def test_pub_and_push_spool_hold_an_outage_and_a_later_run_sends_it(work, socket
 
     with Spool(spool_dir) as spool:
         assert spool.unsent_count() == 0       # each batch left the spool once libzmq took it
+
+
+def test_a_signal_ends_the_final_wait_and_run_keeps_the_programs_status(work):
+    # CMD is done, the collector is gone, zmq-linger is long: the first SIGTERM ends the wait
+    # (the issue saw it ignored), the count of what was not delivered is said, CMD's status kept.
+    endpoint = "ipc://%s/nobody.ipc" % work
+    proc = subprocess.Popen(
+        zl("run", "--log-opt", "zmq-address=" + endpoint, "--log-opt", "zmq-socket=acked",
+           "--log-opt", "mode=non-blocking", "--log-opt", "zmq-linger=600s", "--", "sh", "-c",
+           "seq 1 1000; exit 7"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(2.0)
+        assert proc.poll() is None          # waiting for the collector (zmq-linger is 600 s)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)   # a hang guard far below zmq-linger
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 7, err
+    assert b"1000 lines not delivered" in err, err
