@@ -71,16 +71,7 @@ class AckedSink(Sink):
         self.gap_resends_total = 0
         self._gaps = False
         self.replayed_batches_total = 0
-        try:
-            super().__init__(options, context, report)
-        except BaseException:
-            if spool is not None:
-                spool.close()
-            raise
-        if spool is not None and spool.unsent_count():
-            self.report("spool %s: %d batches left by an earlier run; sending them first"
-                        % (options.spool_dir, spool.unsent_count()))
-            self._pump_spool()
+        self._start_spooled(options, context, report)
 
     def _setup(self):
         sock = self.socket

@@ -263,6 +263,20 @@ class Sink:
         self._pump_spool()
         return True
 
+    def _start_spooled(self, options, context, report):
+        # Sink.__init__ for a sink that may have opened a spool: closed again when the socket
+        # cannot be set up; what an earlier process left in it goes first.
+        try:
+            Sink.__init__(self, options, context, report)
+        except BaseException:
+            if self.spool is not None:
+                self.spool.close()
+            raise
+        if self.spool is not None and self.spool.unsent_count():
+            self.report("spool %s: %d batches left by an earlier run; sending them first"
+                        % (options.spool_dir, self.spool.unsent_count()))
+            self._pump_spool()
+
     def _spool_idle(self):
         if self.spool is None:
             return True
@@ -445,16 +459,7 @@ class ZmqSink(Sink):
         self._current = None        # the spooled batch being sent, and how far it went
         self._offset = 0
         self.spooled_messages_sent_total = 0
-        try:
-            super().__init__(options, context, report)
-        except BaseException:
-            if spool is not None:
-                spool.close()
-            raise
-        if spool is not None and spool.unsent_count():
-            self.report("spool %s: %d batches left by an earlier run; sending them first"
-                        % (options.spool_dir, spool.unsent_count()))
-            self._pump_spool()
+        self._start_spooled(options, context, report)
 
     def _setup(self):
         self.socket.setsockopt(zmq.SNDHWM, self.options.hwm)
@@ -551,7 +556,7 @@ class ZmqSink(Sink):
                 self.spool.close()
 
 
-class SocketSink:
+class SocketSink(Sink):
     """A sink over a pyzmq socket that the caller made and owns (embedders, tests, benchmarks):
     streams are sent on it as they are; no peer tracking, no acknowledgements."""
 
@@ -566,23 +571,8 @@ class SocketSink:
         stream.send(self.socket, block=False)
         return not stream.pending_messages
 
-    def on_event(self):
-        return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
-
     def tick(self):
         return False
-
-    def forget(self, stream):
-        pass
-
-    def idle(self):
-        return True
-
-    def undelivered(self):
-        return 0, 0
-
-    def progress_mark(self):
-        return 0
 
     def stats(self):
         return {}
