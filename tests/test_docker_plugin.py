@@ -21,8 +21,8 @@ import pytest
 import uvloop
 import zmq
 
-from zeroline import core
-from zeroline.docker_plugin import Plugin, serve
+from zeroline import core, docker_plugin
+from zeroline.docker_plugin import LocalLog, Plugin, entry_boundary, serve
 
 TIMEOUT_S = 30
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -216,7 +216,7 @@ def env(entry_pb2):
     yield daemon
     for path, fd in list(daemon.fds.items()):
         os.close(fd)
-    plugin.close()
+    daemon.plugin.close()       # a test may have restarted it
     collector.close()
     shutil.rmtree(work, ignore_errors=True)
 
@@ -334,6 +334,23 @@ def test_unknown_option_fails_the_start_with_a_clear_err(env):
     path, _, status, answer = env.start(CID, opts(env.endpoint, zmq_adress="x"))
     assert status == 200
     assert "unknown log opt 'zmq-adress' for zmq log driver" in answer["Err"]
+    # The daemon never removes the FIFO of a failed StartLogging; the plugin does.
+    assert not os.path.exists(path)
+
+
+def test_a_start_refused_by_the_request_checks_removes_its_fifo_too(env):
+    path = env.new_fifo()
+    status, answer = env.call_json("LogDriver.StartLogging",
+                                   {"File": path, "Info": {"ContainerID": 7}})
+    assert status == 200 and "ContainerID must be a string" in answer["Err"]
+    assert not os.path.exists(path)
+    regular = os.path.join(env.work_dir, "not-a-fifo")
+    open(regular, "wb").close()
+    status, answer = env.call_json("LogDriver.StartLogging",
+                                   {"File": regular, "Info": {"ContainerID": CID,
+                                                              "Config": opts(env.endpoint)}})
+    assert "is not a FIFO" in answer["Err"]
+    assert os.path.exists(regular)      # only FIFOs are removed
 
 
 def test_daemon_keys_are_accepted(env):
@@ -456,6 +473,10 @@ def test_local_copy_rotates_compresses_and_still_serves_read_logs(env):
     env.collector.wait_for(200)
     directory = os.path.join(env.plugin.state_dir, CID, "local-logs")
     got = [e.line for e in env.read_logs(info)]
+    # Compression runs on a worker thread: wait (bounded) for the last .1 to become .1.gz.
+    deadline = time.monotonic() + TIMEOUT_S
+    while "container.log.1" in os.listdir(directory) and time.monotonic() < deadline:
+        time.sleep(0.01)
     names = sorted(os.listdir(directory))
     assert names == ["container.log", "container.log.1.gz", "container.log.2.gz"]
     # What is left is the newest part of the log, complete, in order.
@@ -512,3 +533,163 @@ def test_non_blocking_container_never_waits_for_a_missing_collector(env):
     # Every entry still went to the local copy, so docker logs shows them all.
     env.stop(path)
     assert len(env.read_logs(info)) == n
+
+
+# -- a restarted plugin reattaches to the FIFOs of running containers ---------------------------
+
+def records_dir(env):
+    return os.path.join(env.plugin.state_dir, "instances")
+
+
+def test_a_restarted_plugin_reads_on_where_the_pipe_is_and_loses_nothing(env):
+    path, info, _, answer = env.start(CID, opts(env.endpoint))
+    assert answer == {"Err": ""}
+    assert len(os.listdir(records_dir(env))) == 1
+    env.log(path, *[env.entry(b"before-%04d" % i) for i in range(500)])
+    env.collector.wait_for(500)
+    env.plugin.close()
+    # No plugin runs: the pipe holds what the container writes (here less than its capacity).
+    env.log(path, *[env.entry(b"between-%04d" % i) for i in range(300)])
+    env.plugin = PluginThread(env.sock_path, env.plugin.state_dir)
+    env.log(path, *[env.entry(b"after-%04d" % i) for i in range(200)])
+    env.stop(path)
+    expected = ([b"before-%04d" % i for i in range(500)] + [b"between-%04d" % i for i in range(300)]
+                + [b"after-%04d" % i for i in range(200)])
+    got = env.collector.wait_for(1000)
+    assert [m[2] for m in got] == [CID[:12].encode() + b": " + line for line in expected]
+    # The local copy went on in the same file: docker logs shows all of it.
+    assert [e.line for e in env.read_logs(info)] == [line + b"\n" for line in expected]
+    deadline = time.monotonic() + TIMEOUT_S     # the record goes once the FIFO ended
+    while os.listdir(records_dir(env)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.listdir(records_dir(env)) == []
+
+
+def test_an_entry_half_read_at_shutdown_is_completed_before_the_plugin_leaves(env, monkeypatch):
+    monkeypatch.setattr(docker_plugin, "DETACH_WAIT_S", TIMEOUT_S)
+    path, info, _, _ = env.start(CID, opts(env.endpoint))
+    env.log(path, env.entry(b"first"))
+    frame = env.entry(b"split-" + b"s" * 3000)
+    frame = struct.pack(">I", len(frame)) + frame
+    os.write(env.fds[path], frame[:1000])        # the daemon's write(), cut by a full pipe
+    instance = env.plugin.plugin.instances[path]
+    deadline = time.monotonic() + TIMEOUT_S
+    while instance.stream.held_bytes != 1000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert instance.stream.held_bytes == 1000
+    stopping = env.plugin.stop_event
+
+    def rest_of_the_write():
+        limit = time.monotonic() + TIMEOUT_S
+        while not stopping.is_set() and time.monotonic() < limit:
+            time.sleep(0.01)
+        os.write(env.fds[path], frame[1000:])
+        env.log(path, env.entry(b"for-the-next-process"))
+
+    writer = threading.Thread(target=rest_of_the_write)
+    writer.start()
+    env.plugin.close()
+    writer.join(TIMEOUT_S)
+    with open(os.path.join(records_dir(env), os.listdir(records_dir(env))[0])) as f:
+        assert json.load(f)["Clean"] is True
+    # Taken before the next process sends: the collector's PULL interleaves two connections.
+    env.collector.wait_for(2)
+    env.plugin = PluginThread(env.sock_path, env.plugin.state_dir)
+    env.stop(path)
+    got = [m[2] for m in env.collector.wait_for(3)]
+    prefix = CID[:12].encode() + b": "
+    assert got == [prefix + b"first", prefix + b"split-" + b"s" * 3000,
+                   prefix + b"for-the-next-process"]
+    assert [e.line for e in env.read_logs(info)] == [b"first\n", b"split-" + b"s" * 3000 + b"\n",
+                                                     b"for-the-next-process\n"]
+
+
+def test_after_a_kill_the_next_plugin_skips_the_half_entry_and_reads_on(env):
+    # A killed plugin cannot complete the entry it half read: its record says so (Clean false)
+    # and the pipe starts inside that entry. The next process skips to the next entry boundary.
+    path, _info, _, _ = env.start(CID, opts(env.endpoint))
+    env.log(path, env.entry(b"old"))
+    env.collector.wait_for(1)
+    env.plugin.close()
+    (name,) = os.listdir(records_dir(env))
+    record_path = os.path.join(records_dir(env), name)
+    with open(record_path) as f:
+        record = json.load(f)
+    record["Clean"] = False
+    with open(record_path, "w") as f:
+        json.dump(record, f)
+    lost = env.entry(b"half-read-by-the-dead-process")
+    lost = struct.pack(">I", len(lost)) + lost
+    os.write(env.fds[path], lost[11:])
+    env.log(path, *[env.entry(b"next-%d" % i) for i in range(50)])
+    env.plugin = PluginThread(env.sock_path, env.plugin.state_dir)
+    env.stop(path)
+    got = [m[2] for m in env.collector.wait_for(51)]
+    assert got == [CID[:12].encode() + b": " + line
+                   for line in [b"old"] + [b"next-%d" % i for i in range(50)]]
+
+
+def test_a_record_whose_fifo_is_gone_is_dropped_at_start(env):
+    path, _info, _, _ = env.start(CID, opts(env.endpoint))
+    env.plugin.close()
+    # The daemon gave up on the stopped plugin: closed its end and removed the FIFO.
+    os.close(env.fds.pop(path))
+    os.unlink(path)
+    env.plugin = PluginThread(env.sock_path, env.plugin.state_dir)
+    assert env.plugin.plugin.instances == {}
+    assert os.listdir(records_dir(env)) == []
+
+
+def frames(pb2_entry, lines):
+    out = b""
+    for line in lines:
+        entry = pb2_entry(line)
+        out += struct.pack(">I", len(entry)) + entry
+    return out
+
+
+def test_entry_boundary_finds_the_next_frame_wherever_the_pipe_was_cut(entry_pb2):
+    rng = random.Random(3)
+
+    def entry(line):
+        return entry_pb2.LogEntry(source=rng.choice(["stdout", "stderr"]), line=line,
+                                  time_nano=rng.getrandbits(62)).SerializeToString()
+
+    lines = [bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 300))) for _ in range(40)]
+    data = frames(entry, lines)
+    starts, pos = [], 0
+    while pos < len(data):
+        starts.append(pos)
+        pos += 4 + struct.unpack_from(">I", data, pos)[0]
+    assert entry_boundary(data) == 0
+    for cut in rng.sample(range(1, len(data)), 300):
+        following = [s for s in starts if s >= cut]
+        expected = following[0] - cut if following else len(data) - cut
+        assert entry_boundary(data[cut:]) == expected, cut
+
+
+def test_local_copy_batches_rotate_as_record_by_record_writes_would(tmp_path):
+    rng = random.Random(5)
+    records = []
+    for _ in range(400):
+        entry = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 90)))
+        records.append(struct.pack(">I", len(entry)) + entry + struct.pack(">I", len(entry)))
+    log = LocalLog(str(tmp_path / "batched"), max_size=1000, max_file=100, compress=False)
+    pos = 0
+    while pos < len(records):
+        n = rng.randrange(1, 30)
+        log.write(b"".join(records[pos:pos + n]))
+        pos += n
+    log.close()
+    # The model: the size is checked before each record (Docker's rotation).
+    files, current = [], b""
+    for record in records:
+        if len(current) >= 1000:
+            files.append(current)
+            current = b""
+        current += record
+    files.append(current)
+    directory = tmp_path / "batched"
+    got = [(directory / ("container.log.%d" % i)).read_bytes() for i in range(len(files) - 1, 0, -1)]
+    got.append((directory / "container.log").read_bytes())
+    assert got == files

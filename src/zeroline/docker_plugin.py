@@ -28,10 +28,13 @@ stale socket replaced, a live one refused, and the socket file is removed at exi
 
 import asyncio
 import collections
+import concurrent.futures
 import errno
 import gzip
+import hashlib
 import json
 import os
+import select
 import shutil
 import socket
 import stat
@@ -45,7 +48,7 @@ from aiohttp import web
 from . import core
 from .config import ContainerInfo, parse_bool, parse_decimal_size, validate_log_opts
 from .errors import ConfigError, ProtocolError, TransportError, ZerolineError
-from .supervisor import Supervisor
+from .supervisor import READ_BYTES, Supervisor
 from .transport import open_sink
 
 DEFAULT_SOCKET = "/run/docker/plugins/zeroline.sock"
@@ -60,6 +63,14 @@ STOP_EOF_WAIT_S = 60.0
 #: Local copies of containers not logged to for this long are removed (checked hourly).
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 FOLLOW_POLL_S = 0.1
+#: At shutdown, how long to wait for the rest of a half-read entry (it is in the pipe or being
+#: written by the daemon's single write()); and for a stopping FIFO's EOF.
+DETACH_WAIT_S = 2.0
+#: A reattached FIFO whose previous reader did not detach cleanly: how long to wait for data
+#: before taking the pipe as starting at an entry boundary.
+RESYNC_WAIT_S = 0.2
+#: Reattach records (one JSON file per logging instance) under the state directory.
+INSTANCES_DIR = "instances"
 #: Mode of the plugin's unix socket: the daemon runs as root; nobody else may talk to the plugin.
 SOCKET_MODE = 0o660
 #: Request limits, far above anything the daemon sends (a few KiB) and far below what would hurt.
@@ -102,7 +113,11 @@ def parse_docker_time(text):
 # Local copy in the format of Docker's `local` driver
 
 class LocalLog:
-    """``container.log`` plus rotated ``.1`` … ``.N-1`` (gzip-compressed when ``compress``)."""
+    """``container.log`` plus rotated ``.1`` … ``.N-1`` (gzip-compressed when ``compress``).
+
+    A batch of records goes to the file in one ``write()``; records are only walked one by one
+    in the batch that crosses ``max_size``. Compression of a rotated file runs on a worker
+    thread (zlib releases the GIL), so the event loop keeps reading FIFOs meanwhile."""
 
     def __init__(self, directory, max_size=LOCAL_MAX_SIZE, max_file=LOCAL_MAX_FILE, compress=True):
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -111,33 +126,50 @@ class LocalLog:
         self.max_size = max_size
         self.max_file = max_file
         self.compress = compress and max_file > 1
-        self._file = open(self.path, "ab")
-        os.chmod(self.path, 0o640)
-        self._size = self._file.tell()
+        self._compressing = None
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o640)
+        os.fchmod(self._fd, 0o640)
+        self._size = os.fstat(self._fd).st_size
+        if self.compress and os.path.exists(self.path + ".1"):
+            # A previous process stopped before compressing it (killed, or it reattaches).
+            self._compressing = _GZIP_POOL.submit(_compress_rotated, self.path + ".1")
 
     def write(self, records):
         """Append whole ``[len][entry][len]`` records. As Docker's rotation, the size is checked
         before each record, so a file can go over max_size by one record."""
-        pos, size = 0, len(records)
+        size = len(records)
+        if not size:
+            return
+        if self.max_size <= 0 or self._size + size <= self.max_size:
+            _write_all(self._fd, records)       # the usual case: the whole batch at once
+            self._size += size
+            return
+        view = memoryview(records)
+        pos = 0
         while pos < size:
-            if self.max_size > 0 and self._size >= self.max_size:
+            if self._size >= self.max_size:
                 self.rotate()
             # Take every record that starts while the file is still under max_size.
             end = pos
-            room = self.max_size - self._size if self.max_size > 0 else size
+            room = self.max_size - self._size
             while end < size and (end - pos) < room:
                 (length,) = _LEN.unpack_from(records, end)
                 end += length + 8
-            self._file.write(records[pos:end])
+            _write_all(self._fd, view[pos:end])
             self._size += end - pos
             pos = end
-        self._file.flush()
 
     def rotate(self):
-        self._file.close()
+        os.close(self._fd)
+        self._fd = -1
         if self.max_file <= 1:
             os.unlink(self.path)
         else:
+            if self._compressing is not None:
+                # The previous .1 must be .1.gz before the names shift (only waits when rotations
+                # come faster than gzip, about 100 MB/s here).
+                self._wait_compression()
             ext = ".gz" if self.compress else ""
             oldest = "%s.%d%s" % (self.path, self.max_file - 1, ext)
             if os.path.exists(oldest):
@@ -148,19 +180,48 @@ class LocalLog:
                     os.rename(src, "%s.%d%s" % (self.path, i, ext))
             os.rename(self.path, self.path + ".1")
             if self.compress:
-                # Compressed before the next write: the file stays readable as .1 until the .gz
-                # is complete, as Docker's own rotation does.
-                with open(self.path + ".1", "rb") as src, gzip.open(self.path + ".1.gz.tmp",
-                                                                     "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                os.rename(self.path + ".1.gz.tmp", self.path + ".1.gz")
-                os.unlink(self.path + ".1")
-        self._file = open(self.path, "ab")
-        os.chmod(self.path, 0o640)
+                # The file stays readable as .1 until the .gz is complete, as Docker's own
+                # rotation does; meanwhile the loop goes on.
+                self._compressing = _GZIP_POOL.submit(_compress_rotated, self.path + ".1")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                           0o640)
+        os.fchmod(self._fd, 0o640)
         self._size = 0
 
-    def close(self):
-        self._file.close()
+    def _wait_compression(self):
+        future, self._compressing = self._compressing, None
+        try:
+            future.result()
+        except OSError as exc:
+            _log("local copy: cannot compress %s.1: %s" % (self.path, exc.strerror or exc))
+
+    def close(self, wait=False):
+        """Close the file; ``wait``: also wait for a compression still running."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if wait and self._compressing is not None:
+            self._wait_compression()
+
+
+#: One thread compresses rotated local copies, in order, off the event loop.
+_GZIP_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                   thread_name_prefix="zeroline-gzip")
+#: gzip level of rotated copies: Docker's (Go's DefaultCompression); 9 costs 3x the CPU here.
+GZIP_LEVEL = 6
+
+
+def _compress_rotated(path):
+    with open(path, "rb") as src, gzip.open(path + ".gz.tmp", "wb", GZIP_LEVEL) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.rename(path + ".gz.tmp", path + ".gz")
+    os.unlink(path)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def local_files(directory):
@@ -172,7 +233,11 @@ def local_files(directory):
             index = name[len("container.log."):].split(".")[0]
             if index.isdigit() and not name.endswith(".tmp"):
                 rotated.append((int(index), os.path.join(directory, name)))
-    files = [path for _, path in sorted(rotated, reverse=True)]
+    # While .1 is being compressed, .1 and .1.gz can both exist for a moment: read one of them.
+    by_index = {}
+    for index, path in sorted(rotated, key=lambda item: item[1].endswith(".gz")):
+        by_index.setdefault(index, path)
+    files = [by_index[index] for index in sorted(by_index, reverse=True)]
     if os.path.exists(base):
         files.append(base)
     return files
@@ -222,11 +287,12 @@ def entry_for_reader(message):
 class LoggingInstance:
     """One StartLogging: one FIFO, one EntryStream, one local copy."""
 
-    def __init__(self, plugin, path, fd, info, options, sink_entry, local):
+    def __init__(self, plugin, path, fd, info, options, sink_entry, local, info_json=None):
         self.plugin = plugin
         self.path = path
         self.fd = fd
         self.info = info
+        self.info_json = info_json      # StartLogging's Info, kept in the reattach record
         self.options = options
         self.sink, self.supervisor = sink_entry
         self.local = local
@@ -267,6 +333,7 @@ class LoggingInstance:
             self.local.close()
         if not self.done.done():
             self.done.set_result(None)
+        self.plugin._drop_record(self.path)     # its FIFO ended: nothing to reattach to
         self.plugin._instance_done(self)
 
     def stop(self):
@@ -280,6 +347,136 @@ class LoggingInstance:
             return
         self._report("no EOF %gs after StopLogging; closing the FIFO" % STOP_EOF_WAIT_S)
         self.copier.finish()
+
+    def detach(self):
+        """Plugin shutdown: leave the FIFO to the next plugin process at an entry boundary.
+
+        The daemon keeps its end open, so the pipe (and, once it is full, the engine's copier)
+        holds what the container writes meanwhile. The entry this process has half read is
+        completed from the FIFO first (the daemon writes each entry with one write(), so its
+        rest is in the pipe or on its way), what the stream holds is still offered to the sink,
+        and the record is marked clean: the next process reads on from the very next entry.
+        An instance already told to stop is read to its EOF instead, as it would have been."""
+        copier = self.copier
+        if copier is None or copier.eof:
+            return
+        if self.stopping or not self._complete_entry():
+            self._read_to_eof()
+            copier.finish()         # its end: _on_finish drops the record
+            return
+        self._on_feed(copier)
+        copier.detach()
+        if self.local is not None:
+            self.local.close()
+        self.plugin._save_record(self, clean=True)
+        if not self.done.done():
+            self.done.set_result(None)
+        self.plugin._instance_gone(self)
+
+    def _complete_entry(self):
+        """Reads the FIFO byte by byte until the stream holds no half entry (at most one entry,
+        at most DETACH_WAIT_S). False when the FIFO reached EOF (the daemon closed it)."""
+        stream, deadline = self.stream, time.monotonic() + DETACH_WAIT_S
+        while stream.held_bytes and not stream.corrupt:
+            try:
+                data = os.read(self.fd, 1)
+            except (BlockingIOError, InterruptedError):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._report("the rest of a half-read entry did not come within %gs; the "
+                                 "next plugin process skips it" % DETACH_WAIT_S)
+                    return True
+                select.select([self.fd], [], [], left)
+                continue
+            except OSError:
+                return False
+            if not data:
+                return False
+            stream.feed(data)
+        return True
+
+    def _read_to_eof(self):
+        # Bounded: the daemon has closed (or is closing) its end.
+        deadline = time.monotonic() + DETACH_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(self.fd, READ_BYTES)
+            except (BlockingIOError, InterruptedError):
+                select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            self.stream.feed(data)
+            self._on_feed(self.copier)
+
+    def resync(self):
+        """Reattached after a process that did not detach cleanly (SIGKILL, a crash): the pipe
+        may start inside an entry that process had half read. Reads what the pipe holds, skips
+        up to the first entry boundary (frames that chain, :func:`entry_boundary`) and feeds the
+        rest. Returns the bytes skipped."""
+        chunks, size = [], 0
+        if select.select([self.fd], [], [], RESYNC_WAIT_S)[0]:
+            while size < (1 << 20):
+                try:
+                    data = os.read(self.fd, READ_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+                size += len(data)
+        data = b"".join(chunks)
+        skip = entry_boundary(data, self.stream.max_entry_bytes)
+        if skip:
+            self._report("reattached inside an entry the previous process had half read: "
+                         "skipped %d bytes" % skip)
+        if len(data) > skip:
+            self.copier.feed(data[skip:])
+        return skip
+
+
+_ENTRY_STARTS = (b"\x0a\x06stdout", b"\x0a\x06stderr")
+
+
+def entry_boundary(data, max_entry=1_000_000):
+    """The offset of the first entry boundary in ``data`` (a FIFO read from an unknown point):
+    the first offset from which frames chain to the end of ``data`` — each a plausible length,
+    an entry that starts as the daemon's always do (field 1, ``stdout``/``stderr``) and decodes,
+    the last one possibly cut short. ``len(data)`` when there is none."""
+    size = len(data)
+    candidates = [0]
+    for pattern in _ENTRY_STARTS:
+        pos = data.find(pattern, 4)
+        while pos >= 0:
+            candidates.append(pos - 4)
+            pos = data.find(pattern, pos + 1)
+    for offset in sorted(set(candidates)):
+        if _frames_chain(data, offset, size, max_entry):
+            return offset
+    return size
+
+
+def _frames_chain(data, pos, size, max_entry):
+    while pos + 4 <= size:
+        (length,) = _LEN.unpack_from(data, pos)
+        if length < 8 or length > max_entry:
+            return False
+        head = bytes(data[pos + 4:pos + 12])
+        if not any(p.startswith(head) for p in _ENTRY_STARTS):
+            return False
+        end = pos + 4 + length
+        if end > size:
+            return True         # cut short by the end of what was read
+        try:
+            core.decode_entry(bytes(data[pos + 4:end]))
+        except ZerolineError:
+            return False
+        pos = end
+    return True
 
 
 def _sink_key(options):
@@ -300,11 +497,19 @@ class Plugin:
     # -- handlers ----------------------------------------------------------------------------
     async def start_logging(self, body):
         """StartLogging for a body that passed :func:`check_start_logging`. On any failure
-        nothing is left behind: no open FIFO, no copier, no state directory it created."""
+        nothing is left behind: no open FIFO, no copier, no state directory it created, and not
+        the FIFO either (the daemon never removes the FIFO of a failed StartLogging)."""
         path = body["File"]
-        info_json = body["Info"]
         if path in self.instances:
             return "StartLogging: already logging to %s" % path
+        error = self._attach(path, body["Info"])
+        if error:
+            discard_fifo(path)
+        return error
+
+    def _attach(self, path, info_json, resync=False):
+        """Opens the FIFO and starts its instance; the error text, or "" on success. Used by
+        StartLogging and, with the recorded request, by :meth:`reattach`."""
         try:
             info = ContainerInfo.from_docker(info_json)
             config = info_json.get("Config") or {}
@@ -324,7 +529,8 @@ class Plugin:
                 return "%s is not a FIFO" % path
             sink_entry = self._sink(options)
             local = self._local_copy(info, config)
-            instance = LoggingInstance(self, path, fd, info, options, sink_entry, local)
+            instance = LoggingInstance(self, path, fd, info, options, sink_entry, local,
+                                       info_json)
             instance.start()
         except ZerolineError as exc:
             return str(exc)
@@ -339,7 +545,86 @@ class Plugin:
                     shutil.rmtree(container_dir, ignore_errors=True)
         self.instances[path] = instance
         self.by_container[info.container_id].add(instance)
+        self._save_record(instance, clean=False)
+        if resync:
+            instance.resync()
         return ""
+
+    # -- reattach records: what a restarted plugin needs to read on ----------------------------
+    def _record_path(self, fifo_path):
+        digest = hashlib.sha256(fifo_path.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return os.path.join(self.state_dir, INSTANCES_DIR, digest + ".json")
+
+    def _save_record(self, instance, clean):
+        """Records a logging instance (FIFO path, Info with its options; ``clean``: the FIFO was
+        left at an entry boundary), written to a temp file and renamed into place."""
+        path = self._record_path(instance.path)
+        record = {"File": instance.path, "Info": instance.info_json, "Clean": clean}
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            tmp = "%s.%d.tmp" % (path, os.getpid())
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            instance._report("cannot record the instance for a plugin restart: %s"
+                             % (exc.strerror or exc))
+
+    def _drop_record(self, fifo_path):
+        try:
+            os.unlink(self._record_path(fifo_path))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _log("cannot remove the record of %s: %s" % (fifo_path, exc.strerror or exc))
+
+    def reattach(self):
+        """At start: re-open the FIFOs of the recorded instances that still exist (the engine
+        never calls StartLogging again for a running container) and read on where the pipe is.
+        Returns the number of instances reattached."""
+        folder = os.path.join(self.state_dir, INSTANCES_DIR)
+        try:
+            names = sorted(os.listdir(folder))
+        except FileNotFoundError:
+            return 0
+        count = 0
+        for name in names:
+            record_path = os.path.join(folder, name)
+            if name.endswith(".tmp"):
+                os.unlink(record_path)          # a write the previous process did not finish
+                continue
+            try:
+                with open(record_path) as f:
+                    record = json.load(f)
+                path, info_json = record["File"], record["Info"]
+                check_start_logging({"File": path, "Info": info_json})
+            except (OSError, ValueError, KeyError, TypeError, ProtocolError) as exc:
+                _log("ignoring the unreadable reattach record %s: %s" % (name, exc))
+                os.unlink(record_path)
+                continue
+            if path in self.instances:
+                continue
+            try:
+                is_fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+            except OSError:
+                is_fifo = False
+            if not is_fifo:
+                # The daemon closed and removed it while no plugin read it (the container
+                # stopped): whatever the pipe still held went with it.
+                _log("not reattaching %s: its FIFO %s is gone" % (
+                    info_json.get("ContainerID", "?")[:12], path))
+                os.unlink(record_path)
+                continue
+            error = self._attach(path, info_json, resync=not record.get("Clean"))
+            if error:
+                _log("cannot reattach %s (%s): %s" % (info_json.get("ContainerID", "?")[:12],
+                                                      path, error))
+                os.unlink(record_path)
+                continue
+            count += 1
+        if count:
+            _log("reattached %d logging instance(s) of a previous run" % count)
+        return count
 
     async def stop_logging(self, body):
         path = body["File"]
@@ -390,11 +675,14 @@ class Plugin:
             entry = self.sinks[key] = (sink, supervisor)
         return entry
 
-    def _instance_done(self, instance):
+    def _instance_gone(self, instance):
         self.instances.pop(instance.path, None)
         self.by_container[instance.info.container_id].discard(instance)
         if not self.by_container[instance.info.container_id]:
             del self.by_container[instance.info.container_id]
+
+    def _instance_done(self, instance):
+        self._instance_gone(instance)
         st = instance.stream.stats()
         if st["dropped_total"] or instance.stream.errors_total:
             instance._report("closed: %d entries, %d dropped, %d malformed"
@@ -544,12 +832,24 @@ class Plugin:
         return removed
 
     async def close(self):
+        """Shutdown: every FIFO is left to the next plugin process (:meth:`LoggingInstance.detach`;
+        its record stays), then what was read is sent (up to each sink's zmq-linger)."""
         for instance in list(self.instances.values()):
-            instance.copier.finish()
+            instance.detach()
         for sink, supervisor in self.sinks.values():
             await supervisor.drain(sink.options.linger_s)
             supervisor.close()
             sink.close()
+
+
+def discard_fifo(path):
+    """Unlinks ``path`` if it is a FIFO: the daemon leaves a failed StartLogging's FIFO behind in
+    /run/docker/logging for good, one per rejected ``docker run``."""
+    try:
+        if stat.S_ISFIFO(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -765,10 +1065,14 @@ def make_app(plugin):
         return web.json_response({"Cap": {"ReadLogs": True}, "Err": ""})
 
     async def start_logging(request):
+        body = None
         try:
             body = await _json_body(request)
             check_start_logging(body)
         except ProtocolError as exc:
+            path = body.get("File") if isinstance(body, dict) else None
+            if isinstance(path, str) and path and "\0" not in path:
+                discard_fifo(path)
             return _err("StartLogging: %s" % exc)
         return _err(await plugin.start_logging(body))
 
@@ -878,6 +1182,8 @@ async def serve(socket_path, state_dir, retention_s=DEFAULT_RETENTION_S, ready=N
         if plugin is None:
             plugin = Plugin(state_dir, retention_s)
         plugin.clean_old_copies()
+        # Before listening: a StopLogging the daemon retries must find the instance.
+        plugin.reattach()
         runner = web.AppRunner(make_app(plugin), handle_signals=False, access_log=None)
         await runner.setup()
         site = web.SockSite(runner, sock)

@@ -112,6 +112,11 @@ class Copier:
         if not data:
             self.finish()
             return
+        self.feed(data)
+
+    def feed(self, data):
+        """Feed bytes read elsewhere (e.g. a FIFO's first read, resynchronised by the Docker
+        plugin) as if this copier had read them: local copy hook, then offered to the sink."""
         dropped = self.stream.dropped_total
         self.stream.feed(data)
         if self.stream.dropped_total != dropped and not self._drop_logged:
@@ -120,6 +125,21 @@ class Copier:
         if self.on_feed is not None:
             self.on_feed(self)
         self.supervisor._send(self)
+
+    def detach(self):
+        """Stop reading and close the fd, but do not close the stream: what it has pending is
+        still sent, and the rest of the input belongs to someone else (a restarted Docker plugin
+        reads on where this one stopped), so no end-of-input flush happens."""
+        if self.eof:
+            return
+        self._stop()
+        self.eof = True
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.supervisor._send(self)
+        self.supervisor._copier_done(self)
 
     def finish(self):
         """EOF (or shutdown): stop reading, flush unterminated text, close the fd."""
