@@ -14,6 +14,11 @@ and, on W1 only (benchmarks/bench_supervisor.py):
   fwd_col  zeroline forward → zeroline collect --out DIR --count N → file (lines + CRC checked)
   rx       collector receive path alone: compiled Receiver.recv + take_payloads (queue pre-filled)
   rx_py    the same with a Python recv_multipart loop
+and, on W1 only, the acked transport (benchmarks/bench_acked.py):
+  fwd_acked  zeroline forward (zmq-socket=acked) → zeroline collect --bind-acked → file
+  spool_w    forward acked into spool-dir with no collector, until it exits (spool checked)
+  spool_r    forward acked with that spool and /dev/null as input → collect → file
+  sup_acked  100 streams → Supervisor with an AckedSink → collect --bind-acked → file
 and, on W1 only, issue 10's metrics cost (benchmarks/bench_metrics.py):
   met / met0  forward → collect → file with --metrics-address on both and /metrics of each
            scraped every 100 ms / without metrics (gated: met_over_met0)
@@ -59,6 +64,8 @@ GATES = os.path.join(HERE, "gates.toml")
 
 # Rows of issue 3 (bench_supervisor.py), measured on W1 only: fixed 100-byte lines.
 SERVICE_ROWS = ("sup", "fwd_col", "rx", "rx_py")
+# Rows of issue 7 (bench_acked.py), W1 only; they need the CLI.
+ACKED_ROWS = ("fwd_acked", "spool_w", "spool_r", "sup_acked")
 SUP_DESIGN_ROWS = ("sup_t2", "sup_t4", "sup500", "sup500_t2", "sup500_t4", "sup_fdspin")
 SERVICE_WORKLOAD = "W1"
 SUP_ROWS = ("sup",) + SUP_DESIGN_ROWS
@@ -67,8 +74,9 @@ PLUGIN_ROWS = ("plug", "plug_py", "dec", "dec_py", "dec_pb")
 PLUGIN_DESIGN_ROWS = ("plug_1w",)
 DESIGN_ROWS = SUP_DESIGN_ROWS + PLUGIN_DESIGN_ROWS
 #: Rows measured on SERVICE_WORKLOAD only.
-W1_ROWS = SERVICE_ROWS + DESIGN_ROWS + PLUGIN_ROWS
-ROWS = ("a", "b", "b_cli", "c", "d", "e", "f") + SERVICE_ROWS + PLUGIN_ROWS + DESIGN_ROWS
+W1_ROWS = SERVICE_ROWS + ACKED_ROWS + DESIGN_ROWS + PLUGIN_ROWS
+ROWS = ("a", "b", "b_cli", "c", "d", "e", "f") + SERVICE_ROWS + ACKED_ROWS + PLUGIN_ROWS + \
+    DESIGN_ROWS
 # Rows of issue 10 (bench_metrics.py), W1 only; they need the CLI.
 METRICS_ROWS = ("met", "met0")
 W1_ROWS += METRICS_ROWS
@@ -88,6 +96,10 @@ ROW_INFO = {
     "fwd_col": ("cli", "forward → collect → file"),
     "rx": ("cython", "receive: Receiver, queued"),
     "rx_py": ("pyzmq", "receive: recv_multipart loop"),
+    "fwd_acked": ("cli", "forward acked → collect → file"),
+    "spool_w": ("cli", "forward acked → spool, no peer"),
+    "spool_r": ("cli", "spool replay → collect → file"),
+    "sup_acked": ("supervisor", "100 streams → AckedSink → file"),
     "sup_t2": ("threads-2", "100 streams → 2 worker threads"),
     "sup_t4": ("threads-4", "100 streams → 4 worker threads"),
     "sup500": ("supervisor", "100 + 400 idle → Supervisor"),
@@ -121,6 +133,11 @@ RATIOS = {
     "plug_over_plug_py": ("plug", "plug_py"),
     "dec_over_dec_pb": ("dec", "dec_pb"),
     "dec_over_dec_py": ("dec", "dec_py"),
+    "fwd_acked_over_f": ("fwd_acked", "f"),
+    "fwd_acked_over_fwd_col": ("fwd_acked", "fwd_col"),
+    "sup_acked_over_fwd_acked": ("sup_acked", "fwd_acked"),
+    "spool_w_over_fwd_acked": ("spool_w", "fwd_acked"),
+    "spool_r_over_fwd_acked": ("spool_r", "fwd_acked"),
 }
 
 RATIOS["met_over_met0"] = ("met", "met0")
@@ -294,6 +311,7 @@ class Session:
         self.skipped = {}          # row -> reason
         self.notes = {}
         self._n = 0
+        self.spools = []           # a spool spool_w filled, for spool_r
 
     def digest(self, wl, nbytes, prefix):
         from . import workloads
@@ -337,6 +355,16 @@ def measure_row(sess, ctx, row, wl, tools):
         return bench_supervisor.measure_supervisor(
             ctx, row, wl, sess.endpoint(row), lines,
             lambda nbytes, prefix: sess.digest(wl, nbytes, prefix))
+    if row in ACKED_ROWS:
+        from . import bench_acked
+
+        if row == "sup_acked":
+            return bench_acked.measure_sup_acked(
+                ctx, tools["b_cli"], wl, sess.endpoint(row), sess.tmp,
+                min(sess.stream_lines, wl.lines),
+                lambda nbytes, prefix: sess.digest(wl, nbytes, prefix))
+        return bench_acked.measure_cli_row(ctx, tools["b_cli"], row, wl, sess.endpoint(row),
+                                           sess.tmp, digest_for(wl.nbytes), sess.spools)
     if row in METRICS_ROWS:
         from . import bench_metrics
 
@@ -419,10 +447,12 @@ def run(args):
             tools["f"], why = bench_e2e.build_ref_sender(tmp)
             if why:
                 sess.skipped["f"] = why
-        if "b_cli" in args.rows or "fwd_col" in args.rows:
+        cli_rows = [r for r in ("b_cli", "fwd_col") + ACKED_ROWS if r in args.rows]
+        if cli_rows:
             tools["b_cli"], why = bench_e2e.find_cli()
             if why:
-                sess.skipped["b_cli"] = sess.skipped["fwd_col"] = why
+                for row in cli_rows:
+                    sess.skipped[row] = why
             else:
                 sess.notes["cli"] = "%s (%s)" % (tools["b_cli"], bench_e2e.cli_version(
                     tools["b_cli"]) or "version unknown")
@@ -527,6 +557,12 @@ def target_status(sess, rows, targets):
               ("a_lines_per_s", "a", "lines_per_s", ">="),
               ("cli_peak_rss_mb", "b_cli", "peak_rss_mb", "<"),
               ("fwd_col_lines_per_s", "fwd_col", "lines_per_s", ">="),
+              ("fwd_acked_lines_per_s", "fwd_acked", "lines_per_s", ">="),
+              ("fwd_acked_peak_rss_mb", "fwd_acked", "peak_rss_mb", "<"),
+              ("spool_w_lines_per_s", "spool_w", "lines_per_s", ">="),
+              ("spool_w_peak_rss_mb", "spool_w", "peak_rss_mb", "<"),
+              ("spool_r_lines_per_s", "spool_r", "lines_per_s", ">="),
+              ("spool_r_peak_rss_mb", "spool_r", "peak_rss_mb", "<"),
               ("sup_fairness", "sup", "fairness", "<="),
               ("sup_peak_rss_mb", "sup", "peak_rss_mb", "<"),
               ("sup_kib_per_stream", "sup", "kib_per_stream", "<"),
@@ -588,7 +624,7 @@ def report(sess, summary, targets):
             status = "" if r["floor"] is None else (
                 "  >= %.1f %s" % (r["floor"], "ok" if r["ok"] else "BELOW FLOOR"))
             rounds = " ".join("%.2f" % x for x in r.get("rounds") or [])
-            print("  %-13s %8s%s%s" % (ratio, fmt(r["value"], "%.2f"), status,
+            print("  %-24s %8s%s%s" % (ratio, fmt(r["value"], "%.2f"), status,
                                        ("   rounds: " + rounds) if rounds else
                                        ("   (%s)" % r["why"] if r["why"] else "")))
         print("absolute targets (reported, not gated):")
@@ -597,7 +633,7 @@ def report(sess, summary, targets):
                 continue
             shown = fmt_rate(t["value"]) if key.endswith("per_s") else fmt(t["value"])
             goal = fmt_rate(t["target"]) if key.endswith("per_s") else fmt(t["target"])
-            print("  %-20s %10s  target %s %s  %s" % (
+            print("  %-22s %10s  target %s %s  %s" % (
                 key, shown, t["op"], goal,
                 "n/a" if t["ok"] is None else ("met" if t["ok"] else "MISSED")))
     print("\nload average (1 min) before/after: %s / %s on %d CPUs; other load skews single "
@@ -613,7 +649,11 @@ def report(sess, summary, targets):
           "forward.\n"
           "plug*, dec*: lines = LogEntry entries (one per W1 line); MB/s counts frame bytes; "
           "plug*: CPU s/M and RSS of the plugin\n  process (writer process apart), timed go → "
-          "last message; dec*: CPU of the timed decode loop only.")
+          "last message; dec*: CPU of the timed decode loop only.\n"
+          "fwd_acked, spool_r: both CLI processes incl. start-up, timed at the file, first line → "
+          "last; spool_w: forward alone,\n  timed from the first spool byte to its exit; "
+          "sup_acked: the supervisor process (CPU s/M send) and the collector\n  (recv), timed "
+          "at the file too; RSS: forward / the supervisor process.")
     if sess.notes.get("plugin_entries"):
         print("plugin entries: " + sess.notes["plugin_entries"])
 

@@ -329,6 +329,35 @@ def test_service_rows_run_from_the_command_line(capsys):
     assert "per-stream count+crc" in out and "rx_over_rx_py" in out
 
 
+def test_acked_rows_run_from_the_command_line(capsys):
+    # Issue 7 rows through the real CLIs, tiny sizes; spool_r runs first in round 2 (reversed
+    # order), so it must fill a spool of its own; every file, spool and stream is checked.
+    if "cython" not in IMPLS or not shutil.which("zeroline"):
+        pytest.skip("the rows run the zeroline CLI with the compiled core")
+    status = bench_main.main(["--quick", "--reps", "2", "--rows",
+                              "fwd_acked,spool_w,spool_r,sup_acked", "--workloads", "W1",
+                              "--lines", "20000", "--stream-lines", "300", "--no-save"])
+    out = capsys.readouterr().out
+    assert status == 0 and "FAIL" not in out and "ERROR" not in out, out[-3000:]
+    for text in ("spool lines+crc", "file lines+crc", "per-stream count+crc",
+                 "sup_acked_over_fwd_acked", "spool_w_peak_rss_mb"):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("acked_rate, fails", [(3.5e6, False), (1.2e6, True)])
+def test_acked_gates(acked_rate, fails):
+    floors, per_workload, targets = bench_main.load_gates()
+    assert {"fwd_acked_over_f", "sup_acked_over_fwd_acked"} <= set(floors)
+    assert targets["fwd_acked_lines_per_s"] == 4.0e6 and targets["spool_w_peak_rss_mb"] == 64.0
+    sess = _fake_session({"f": [1e6] * 3, "fwd_acked": [acked_rate] * 3,
+                          "sup_acked": [acked_rate] * 3})
+    summary = bench_main.summarize(sess, floors, per_workload, targets)
+    assert summary["ratios"][("W1", "fwd_acked_over_f")]["ok"] is not fails
+    assert summary["ratios"][("W1", "sup_acked_over_fwd_acked")]["value"] == 1.0
+    args = types.SimpleNamespace(check=True, quick=True)
+    assert bench_main.verdict(sess, summary, targets, args) == (1 if fails else 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Issue 4 rows (benchmarks/bench_plugin.py): LogEntry frames from the protobuf package
 
