@@ -120,6 +120,7 @@ ctypedef struct zl_rmsg:
     size_t out_len              # bytes this message adds to its run
     uint32_t tlen, slen, plen
     uint32_t cid_off, cid_len, src_off, src_len, line_off, line_len   # R_RECORD, in payload
+    uint32_t time_off           # R_RECORD in zeroline's own layout: where time_nano's value is
     int32_t dest
     int32_t run
     int32_t obj                 # R_PY/R_HELD: index in `keep`
@@ -412,6 +413,7 @@ cdef bint _parse_record(const unsigned char *p, size_t n, zl_rmsg *m) noexcept n
     cdef uint32_t off, length
     m.src_off = 0
     m.src_len = 0
+    m.time_off = 0
     for i in range(count):
         if pos >= n or not 0xa0 <= p[pos] <= 0xbf:
             return False
@@ -425,6 +427,8 @@ cdef bint _parse_record(const unsigned char *p, size_t n, zl_rmsg *m) noexcept n
             return False
         seen |= bit
         if bit == KEY_TIME:
+            if i == 3 and count == 5 and seen == KEY_CID | KEY_NAME | KEY_SOURCE | KEY_TIME:
+                m.time_off = <uint32_t>pos      # the layout zeroline writes; see render_batch
             if not _skip_int(p, n, &pos):
                 return False
         elif bit == KEY_LINE:
@@ -512,6 +516,7 @@ cdef int _render_parse_body(Receiver self, zl_render *r, const char *tenant, siz
     cdef uint32_t length
     cdef zl_rmsg *m
     cdef int32_t dest = -1
+    cdef ssize_t same = -1      # a record parsed in full whose head the next ones may repeat
     if n == 0:
         return BATCH_BAD_EMPTY
     _render_reset(r, 0)
@@ -536,13 +541,45 @@ cdef int _render_parse_body(Receiver self, zl_render *r, const char *tenant, siz
         if dest < 0:
             dest = _dest_of(r, m)
         m.dest = dest
-        _render_classify(m, fallbacks, bad_seed)
+        if same >= 0 and _same_head(m, &r.msgs[same]):
+            pass
+        else:
+            _render_classify(m, fallbacks, bad_seed)
+            if m.kind == R_RECORD and m.time_off:
+                same = <ssize_t>count
         pos += length
         total += length
         count += 1
     records[0] = count
     record_bytes[0] = total
     return BATCH_OK
+
+
+cdef inline bint _same_head(zl_rmsg *m, zl_rmsg *prev) noexcept nogil:
+    # The records of one stream repeat everything before time_nano's value byte for byte
+    # (fixmap 5, container_id, container_name, source, the time_nano key). When this one does,
+    # that part parses as it did for `prev` (checked in full): only time_nano, the line key
+    # and the line are left to read. Anything else (partial, attrs, another layout) is not
+    # taken here and goes through the full parse.
+    cdef const unsigned char *p = <const unsigned char *>m.payload
+    cdef size_t n = m.plen, pos = prev.time_off
+    if n <= pos or memcmp(p, prev.payload, pos) != 0:
+        return False
+    if not _skip_int(p, n, &pos) or n - pos < 5 or memcmp(p + pos, b"\xa4line", 5) != 0:
+        return False
+    pos += 5
+    if not _read_bin(p, n, &pos, &m.line_off, &m.line_len) or pos != n:
+        return False
+    m.run = -1
+    m.obj = -1
+    m.kind = R_RECORD
+    m.time_off = prev.time_off
+    m.cid_off = prev.cid_off
+    m.cid_len = prev.cid_len
+    m.src_off = prev.src_off
+    m.src_len = prev.src_len
+    m.out_len = m.cid_len + 1 + m.src_len + 2 + m.line_len + 1
+    return True
 
 
 cdef inline void _render_classify(zl_rmsg *m, size_t *fallbacks, size_t *bad_seed) noexcept nogil:
