@@ -248,6 +248,18 @@ def build_parser():
                           "second, ack without waiting (a crash of the collector loses nothing "
                           "acked, a power cut up to a second); never: leave it to the OS "
                           "(default: interval)")
+    col.add_argument("--curve-secret-key", default=None, metavar="FILE",
+                     help="CURVE on every bind with this secret certificate (from zeroline "
+                          "keygen; mode 0600): traffic encrypted, the collector authenticated")
+    col.add_argument("--curve-allow", default=None, metavar="DIR",
+                     help="with --curve-secret-key: only clients whose public key (NAME.key) is "
+                          "in DIR are accepted; re-read on SIGHUP and when DIR changes "
+                          "(default: any client with a valid handshake)")
+    col.add_argument("--max-streams", type=int, default=None, metavar="N",
+                     help="distinct tenant/service files at most; lines for further ones go to "
+                          "OUT/_overflow/_overflow.log and are counted (default: 10000)")
+    col.add_argument("--ipc-mode", default="660", metavar="OCTAL",
+                     help="mode of ipc:// socket files bound here (default: 660)")
     _add_metrics_option(col)
     return parser
 
@@ -376,7 +388,7 @@ class _Outcome:
 
 
 def _stats_line(sup, sink):
-    st = sup.stats()
+    """One ``--stats-interval`` line: the supervisor's counters and, for acked, the window."""
     line = sup.stats_line()
     ss = sink.stats()
     if "lines_acked_total" in ss:
@@ -385,7 +397,6 @@ def _stats_line(sup, sink):
             ss["window_batches"])
         if "spool_bytes" in ss:
             line += ", spool %d bytes in %d records" % (ss["spool_bytes"], ss["spool_records"])
-    del st
     return line
 
 
@@ -788,7 +799,7 @@ def cmd_keygen(args):
 
 
 def cmd_collect(args):
-    from .collector import DEFAULT_MAX_FILES, Collector
+    from .collector import DEFAULT_MAX_FILES, DEFAULT_MAX_STREAMS, Collector
     from .config import parse_decimal_size
 
     if not args.bind and not args.bind_sub and not args.bind_acked:
@@ -808,11 +819,29 @@ def cmd_collect(args):
         raise ConfigError("--count must not be negative, got %d" % args.count)
     if args.stats_interval < 0:
         raise ConfigError("--stats-interval must not be negative")
+    max_streams = DEFAULT_MAX_STREAMS if args.max_streams is None else args.max_streams
+    if max_streams < 1:
+        raise ConfigError("--max-streams must be at least 1, got %d" % max_streams)
+    try:
+        ipc_mode = int(args.ipc_mode, 8)
+    except ValueError:
+        ipc_mode = -1
+    if not 0 <= ipc_mode <= 0o777:
+        raise ConfigError("--ipc-mode must be an octal mode such as 660, got %r" % args.ipc_mode)
+    curve_key = None
+    if args.curve_secret_key is not None:
+        from .keys import load_secret_key
+
+        curve_key = load_secret_key(args.curve_secret_key)
+    elif args.curve_allow is not None:
+        raise ConfigError("--curve-allow needs --curve-secret-key FILE (CURVE on)")
     out = sys.stdout.buffer if args.stdout else None
     collector = Collector(out_dir=None if out else args.out, out=out, fmt=args.format,
                           max_size=max_size,
                           max_files=DEFAULT_MAX_FILES if args.max_files is None else args.max_files,
-                          fsync=args.fsync, warn=_say)
+                          fsync=args.fsync, warn=_say, max_streams=max_streams,
+                          curve_secret_key=curve_key, curve_allow=args.curve_allow,
+                          ipc_mode=ipc_mode)
     if args.metrics_address:
         from .metrics import CollectorMetrics
 
@@ -837,6 +866,9 @@ def cmd_collect(args):
             # Handlers first: once an endpoint is bound, a signal already finds them.
             signal.signal(signal.SIGINT, on_signal)
             signal.signal(signal.SIGTERM, on_signal)
+            if collector.curve is not None and args.curve_allow is not None:
+                # SIGHUP: read the --curve-allow directory again (it is also watched).
+                signal.signal(signal.SIGHUP, lambda signum, frame: collector.curve.reload())
             for endpoint in args.bind:
                 collector.bind(endpoint, "pull")
             for endpoint in args.bind_sub:
