@@ -622,7 +622,7 @@ def report(sess, summary, targets):
             if r is None:
                 continue
             status = "" if r["floor"] is None else (
-                "  >= %.1f %s" % (r["floor"], "ok" if r["ok"] else "BELOW FLOOR"))
+                "  >= %g %s" % (r["floor"], "ok" if r["ok"] else "BELOW FLOOR"))
             rounds = " ".join("%.2f" % x for x in r.get("rounds") or [])
             print("  %-24s %8s%s%s" % (ratio, fmt(r["value"], "%.2f"), status,
                                        ("   rounds: " + rounds) if rounds else
@@ -744,7 +744,7 @@ def verdict(sess, summary, targets, args):
     failures = []
     for (name, ratio), r in summary["ratios"].items():
         if r["floor"] is not None and not r["ok"]:
-            failures.append("%s %s = %s, floor %.1f" % (name, ratio, fmt(r["value"], "%.2f"),
+            failures.append("%s %s = %s, floor %g" % (name, ratio, fmt(r["value"], "%.2f"),
                                                         r["floor"]))
     for (name, row), s in summary["rows"].items():
         if s["errors"]:
