@@ -397,6 +397,9 @@ def _stats_line(sup, sink):
             ss["window_batches"])
         if "spool_bytes" in ss:
             line += ", spool %d bytes in %d records" % (ss["spool_bytes"], ss["spool_records"])
+    if getattr(sink, "_monitor", None) is not None and not sink.connected:
+        # Said once when it happens, and on every interval line while it lasts.
+        line += ", no collector at %s" % sink.endpoint
     return line
 
 
