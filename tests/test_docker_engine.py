@@ -556,3 +556,26 @@ def test_a_blocking_container_beside_a_non_blocking_one_flows_when_the_collector
         docker("rm", "-f", greedy)
     finally:
         collector.close()
+
+
+def test_a_blocking_container_without_a_collector_can_be_stopped_and_its_lines_come_later(
+        plugin, containers):
+    # Issue 9 item 4: the plugin's default spool keeps it reading while no collector is there,
+    # so the engine's copier never blocks on the FIFO (it would hold docker stop, kill, logs).
+    directory = tempfile.mkdtemp(prefix="zlc", dir="/tmp")
+    address = "ipc://%s/c.ipc" % directory
+    lines = 200000
+    name, _ = containers.run("seq 1 %d; echo done; sleep 600" % lines, driver=plugin,
+                             address=address, detach=True, opts=["zmq-framing=msgpack"],
+                             env=["SERVICE_ID=later"])
+    wait_until(lambda: docker("logs", "--tail", "1", name, timeout=WAIT_S).stdout == b"done\n",
+               "every line read by the plugin (docker logs)")
+    docker("stop", "-t", "2", name, timeout=WAIT_S)       # hang guard only
+    collector = Collector(directory)
+    try:
+        wait_until(lambda: any(r["line"] == "done" for r in collector.tail("default", "later")),
+                   "the spooled lines at the collector")
+        got = [r["line"] for r in collector.records("default", "later")]
+        assert got == [str(i) for i in range(1, lines + 1)] + ["done"]
+    finally:
+        collector.close()

@@ -157,12 +157,12 @@ def wait_listening(sock_path, timeout_s=TIMEOUT_S):
 
 
 class PluginThread:
-    def __init__(self, sock_path, state_dir):
+    def __init__(self, sock_path, state_dir, spool=None):
         self.sock_path = sock_path
         self.state_dir = state_dir
         self.loop = None
         self.stop_event = None
-        self.plugin = Plugin(state_dir)
+        self.plugin = Plugin(state_dir, spool=spool)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         assert wait_listening(sock_path), "plugin did not start"
@@ -510,6 +510,9 @@ def test_cache_disabled_means_no_copy_and_empty_read_logs(env):
 
 
 def test_non_blocking_container_never_waits_for_a_missing_collector(env):
+    # Without a spool (ZEROLINE_SPOOL=off): Docker's ring, drops counted.
+    env.plugin.close()
+    env.plugin = PluginThread(env.sock_path, env.plugin.state_dir, spool=False)
     nobody = "ipc://%s/nobody.ipc" % env.work_dir
     path, info, _, answer = env.start(CID, opts(nobody, mode="non-blocking",
                                                 max_buffer_size="1k"))
@@ -693,3 +696,25 @@ def test_local_copy_batches_rotate_as_record_by_record_writes_would(tmp_path):
     got = [(directory / ("container.log.%d" % i)).read_bytes() for i in range(len(files) - 1, 0, -1)]
     got.append((directory / "container.log").read_bytes())
     assert got == files
+
+
+def test_with_the_default_spool_a_blocking_container_never_waits_for_a_missing_collector(env):
+    later = "ipc://%s/later.ipc" % env.work_dir
+    path, info, _, answer = env.start(CID, opts(later))
+    assert answer == {"Err": ""}
+    n = 20000       # 20000 x ~25 bytes: far more than a pipe, a read and zmq-hwm hold
+    writer = threading.Thread(target=env.log, args=[path] + [env.entry(b"w-%05d" % i)
+                                                             for i in range(n)])
+    writer.start()
+    writer.join(TIMEOUT_S)
+    assert not writer.is_alive(), "the container was blocked although the plugin has a spool"
+    env.stop(path)
+    spools = os.listdir(os.path.join(env.plugin.state_dir, "spool"))
+    assert len(spools) == 1
+    # The collector comes: every line, in order, from the spool.
+    collector = Collector(later)
+    try:
+        got = collector.wait_for(n)
+        assert [m[2] for m in got] == [CID[:12].encode() + b": w-%05d" % i for i in range(n)]
+    finally:
+        collector.close()

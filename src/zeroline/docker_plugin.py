@@ -29,6 +29,7 @@ stale socket replaced, a live one refused, and the socket file is removed at exi
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import errno
 import gzip
 import hashlib
@@ -71,6 +72,8 @@ DETACH_WAIT_S = 2.0
 RESYNC_WAIT_S = 0.2
 #: Reattach records (one JSON file per logging instance) under the state directory.
 INSTANCES_DIR = "instances"
+#: Default spools of the sinks (one directory per sink) under the state directory.
+SPOOL_DIR = "spool"
 #: Mode of the plugin's unix socket: the daemon runs as root; nobody else may talk to the plugin.
 SOCKET_MODE = 0o660
 #: Request limits, far above anything the daemon sends (a few KiB) and far below what would hurt.
@@ -487,9 +490,15 @@ def _sink_key(options):
 class Plugin:
     """State of the plugin process: logging instances by FIFO path, sinks by endpoint."""
 
-    def __init__(self, state_dir, retention_s=DEFAULT_RETENTION_S):
+    def __init__(self, state_dir, retention_s=DEFAULT_RETENTION_S, spool=None):
         self.state_dir = state_dir
         self.retention_s = retention_s
+        # Every sink gets a spool under the state dir unless a spool-dir log-opt names one, or
+        # ZEROLINE_SPOOL=off: the plugin then keeps reading while the collector is away.
+        if spool is None:
+            spool = os.environ.get("ZEROLINE_SPOOL", "on").strip().lower() not in (
+                "off", "false", "0", "no")
+        self.spool = spool
         self.instances = {}                 # FIFO path -> LoggingInstance
         self.sinks = {}                     # sink key -> (Sink, Supervisor)
         self.by_container = collections.defaultdict(set)
@@ -668,6 +677,12 @@ class Plugin:
         key = _sink_key(options)
         entry = self.sinks.get(key)
         if entry is None:
+            if self.spool and options.spool_dir is None:
+                # One per sink key, the same after a restart (the key comes from the recorded
+                # options), so what a previous process spooled is sent first.
+                digest = hashlib.sha256(repr(key).encode("utf-8", "surrogateescape"))
+                options = dataclasses.replace(options, spool_dir=os.path.join(
+                    self.state_dir, SPOOL_DIR, digest.hexdigest()[:32]))
             # The supervisor holds a pub sink's sends until a first subscriber (in blocking mode
             # the containers then wait, as with a full pipe) and reports a missing collector.
             sink = open_sink(options, report=_log)
