@@ -12,6 +12,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -99,16 +100,20 @@ class Collector:
     """A `zeroline collect --format json` subprocess bound on ipc:// in a temp dir (``directory``:
     a given one, e.g. where forwarders already wait for a collector)."""
 
-    def __init__(self, directory=None):
+    def __init__(self, directory=None, address=None):
         self.dir = directory or tempfile.mkdtemp(prefix="zlc", dir="/tmp")
-        self.address = "ipc://%s/c.ipc" % self.dir
+        self.address = address or "ipc://%s/c.ipc" % self.dir
         self.out = os.path.join(self.dir, "out")
         with open(os.path.join(self.dir, "collect.log"), "wb") as log:
             self.proc = subprocess.Popen(zeroline_cmd("collect", "--bind", self.address,
                                                       "--out", self.out, "--format", "json"),
                                          stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: os.path.exists(self.address[len("ipc://"):]) or
-                   self.proc.poll() is not None, "the collector's socket")
+        if self.address.startswith("ipc://"):
+            wait_until(lambda: os.path.exists(self.address[len("ipc://"):]) or
+                       self.proc.poll() is not None, "the collector's socket")
+        else:
+            wait_until(lambda: _accepts(self.address) or self.proc.poll() is not None,
+                       "the collector's port")
         assert self.proc.poll() is None, "zeroline collect exited"
 
     def records(self, tenant, service):
@@ -137,6 +142,18 @@ class Collector:
     def close(self):
         stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _accepts(address):
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    with socket.socket() as probe:
+        return probe.connect_ex((host, int(port))) == 0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -577,5 +594,51 @@ def test_a_blocking_container_without_a_collector_can_be_stopped_and_its_lines_c
                    "the spooled lines at the collector")
         got = [r["line"] for r in collector.records("default", "later")]
         assert got == [str(i) for i in range(1, lines + 1)] + ["done"]
+    finally:
+        collector.close()
+
+
+# -- the managed (v2) plugin, built with no registry (scripts/build-managed-plugin.sh) -------------
+
+MANAGED = "zeroline-managed"
+BUILD_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "scripts", "build-managed-plugin.sh")
+
+
+@pytest.fixture(scope="module")
+def managed_plugin(image):
+    """The managed plugin: the one CI built once (.ci/run), else built here (about 2 minutes
+    the first time; the rootfs is cached in /var/cache/zeroline when that exists) and removed at
+    the end."""
+    enabled = docker("plugin", "inspect", "-f", "{{.Enabled}}", MANAGED, check=False)
+    built_here = enabled.returncode != 0
+    if built_here:
+        done = subprocess.run(["bash", BUILD_SCRIPT, MANAGED], capture_output=True, timeout=1200,
+                              check=False)
+        assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    elif enabled.stdout.strip() != b"true":
+        docker("plugin", "enable", MANAGED)
+    try:
+        yield MANAGED
+    finally:
+        if built_here:
+            subprocess.run(["bash", BUILD_SCRIPT, "--remove", MANAGED], timeout=120, check=False)
+
+
+def test_the_managed_plugin_forwards_and_serves_docker_logs(managed_plugin, containers):
+    # A managed plugin has its own mount namespace (host network): the collector is on TCP.
+    collector = Collector(address="tcp://127.0.0.1:%d" % free_port())
+    try:
+        name, _ = containers.run(MIXED, driver=managed_plugin, address=collector.address,
+                                 opts=["zmq-framing=msgpack"], env=["SERVICE_ID=managed"])
+        reference, _ = containers.run(MIXED, driver="json-file")
+        assert docker("logs", name).stdout == docker("logs", reference).stdout
+        records = collector.wait_records("default", "managed",
+                                         lambda rs: any(r["line"] == "unterminated" for r in rs),
+                                         "the managed plugin's lines")
+        assert [r["line"] for r in records if r["source"] == "stdout"][:2] == [
+            "plain", "tab\there\r"]
+        assert [r["line"] for r in records if r["source"] == "stderr"] == ["to-stderr"]
+        assert records[-1]["partial"]["last"] is True       # the group closed at EOF
     finally:
         collector.close()
