@@ -81,6 +81,12 @@ ROWS = ("a", "b", "b_cli", "c", "d", "e", "f") + SERVICE_ROWS + ACKED_ROWS + PLU
 METRICS_ROWS = ("met", "met0")
 W1_ROWS += METRICS_ROWS
 ROWS += METRICS_ROWS
+# Rows of issue 9 (bench_engine.py): a real Docker engine, 2 M lines of `yes` in a container per
+# run, through the plugin / json-file / local; full runs (or --rows) only, skipped without an engine.
+ENGINE_ROWS = ("engine", "engine_json", "engine_local")
+W1_ROWS += ENGINE_ROWS
+ROWS += ENGINE_ROWS
+DESIGN_ROWS += ENGINE_ROWS
 #: --quick leaves the design rows out (they are for docs/design.md, not for the gate).
 QUICK_ROWS = tuple(r for r in ROWS if r not in DESIGN_ROWS)
 ROW_INFO = {
@@ -113,6 +119,9 @@ ROW_INFO = {
     "dec_py": ("python", "LogEntry decode, twin"),
     "dec_pb": ("protobuf", "FromString + seed payload"),
 }
+ROW_INFO["engine"] = ("plugin", "docker run, zeroline plugin → collect")
+ROW_INFO["engine_json"] = ("dockerd", "docker run, json-file")
+ROW_INFO["engine_local"] = ("dockerd", "docker run, local")
 ROW_INFO["met"] = ("cli", "fwd_col, /metrics scraped 100 ms")
 ROW_INFO["met0"] = ("cli", "fwd_col, no metrics")
 # Ratio = median over rounds of the per-round ratio (rows of one round ran back to back);
@@ -141,12 +150,13 @@ RATIOS = {
 }
 
 RATIOS["met_over_met0"] = ("met", "met0")
+RATIOS["engine_over_engine_json"] = ("engine", "engine_json")
 
 # Per-round numbers kept in results.jsonl next to the medians.
 ROUND_KEYS = ("lines_per_s", "wall_s", "wall_recv_s", "wall_launch_s", "cpu_send_s", "cpu_recv_s",
               "peak_rss_mb", "recv_rss_mb", "ru_maxrss_mb", "passes", "messages", "error",
               "fairness", "spread", "window_min", "window_max", "blocked", "zmq_fd_wakeups",
-              "collector_span_s")
+              "collector_span_s", "cpu_dockerd_s")
 # Numbers of the supervisor rows kept as medians next to the common ones.
 SUP_KEYS = ("fairness", "spread", "kib_per_stream", "blocked", "zmq_fd_wakeups", "cpu_writer_s")
 
@@ -365,6 +375,10 @@ def measure_row(sess, ctx, row, wl, tools):
                 lambda nbytes, prefix: sess.digest(wl, nbytes, prefix))
         return bench_acked.measure_cli_row(ctx, tools["b_cli"], row, wl, sess.endpoint(row),
                                            sess.tmp, digest_for(wl.nbytes), sess.spools)
+    if row in ENGINE_ROWS:
+        from . import bench_engine
+
+        return bench_engine.measure(row, sess.tmp)
     if row in METRICS_ROWS:
         from . import bench_metrics
 
@@ -476,6 +490,12 @@ def run(args):
                     ef.note, format(ef.entries[-1], ","), SERVICE_WORKLOAD, ef.ends[-1] / 1e6)
                 print("  encoded %s (%.1f s)" % (sess.notes["plugin_entries"],
                                                  time.monotonic() - t), flush=True)
+        if any(r in ENGINE_ROWS for r in args.rows):
+            from . import bench_engine
+
+            why = bench_engine.available()
+            for row in (ENGINE_ROWS if why else ()):
+                sess.skipped[row] = why
         rows = [r for r in args.rows if r not in sess.skipped]
         ctx = make_context()
         for rnd in range(args.reps):
