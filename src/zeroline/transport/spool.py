@@ -52,7 +52,6 @@ counted.
 import collections
 import errno
 import fcntl
-import mmap
 import os
 import struct
 import time
