@@ -161,7 +161,7 @@ def test_options_table_lists_every_log_opt_of_the_driver():
         "zmq-address", "zmq-socket", "zmq-hwm", "zmq-framing", "zmq-container-id",
         "zmq-line-buffer", "zmq-linger", "zmq-peer-wait", "zmq-window", "spool-dir",
         "spool-max-size", "mode", "max-buffer-size", "labels", "labels-regex", "env", "env-regex",
-        "tag",
+        "tag", "zmq-curve-server-key", "zmq-curve-key",
         "cache-disabled", "cache-max-file", "cache-max-size", "cache-compress",
     }  # fmt: skip
     for name, opt in OPTIONS.items():

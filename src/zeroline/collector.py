@@ -13,6 +13,7 @@ import time
 import zlib
 
 import zmq
+from zmq.utils import z85
 
 from . import core
 from ._core_py import (
@@ -24,6 +25,7 @@ from ._core_py import (
     tune_allocator,
 )
 from .errors import ConfigError, ProtocolError, TransportError
+from .transport.sink import exposed_tcp_host
 
 #: bytes.count(b"\n") goes byte by byte: 12% of the acked path's time on 100-byte lines.
 _count_newlines = getattr(core._impl, "count_newlines", None) or (lambda data: data.count(b"\n"))
@@ -69,6 +71,30 @@ JOURNAL_NAME = "acked-streams"
 #: The journal is rewritten compactly (one entry per stream) past this size, or twice its
 #: compacted size when that is larger.
 JOURNAL_COMPACT_BYTES = 1024 * 1024
+#: Distinct tenant/service destinations at most (``--max-streams``); lines for further ones go to
+#: OUT/_overflow/_overflow.log and are counted in ``overflow_total``.
+DEFAULT_MAX_STREAMS = 10000
+OVERFLOW_NAME = "_overflow"
+#: Largest message part libzmq accepts (ZMQ_MAXMSGSIZE; a peer sending more is disconnected) and
+#: largest frame the receiver takes: a 16 MiB line (the largest zmq-line-buffer) plus room for
+#: its record, attrs and the acked batch around it.
+MAX_MESSAGE_BYTES = 17 * 1024 * 1024
+#: Receive high-water mark of the acked ROUTER socket, in messages per connected peer. Measured
+#: with libzmq 4.3.5 (200,000 messages, the sender closing while the receiver sat at RCVHWM 1000):
+#: PULL over ipc:// lost 431 of them, ROUTER lost none over tcp and ipc (PULL over tcp: none).
+#: So PULL and SUB keep an unlimited HWM (0), bounded by MAXMSGSIZE and by the collector reading
+#: faster than it is sent; the ROUTER's acked peers resend whatever is lost anyway.
+ACKED_RCVHWM_MSGS = 1000
+#: Received-but-unwritten bytes one receive call may take: the next call takes fewer messages
+#: when the last ones were large, so a round holds about this much whatever the peers send.
+RECEIVE_BUDGET_BYTES = 64 * 1024 * 1024
+#: Each partial group held for reassembly counts this much besides its chunk bytes, so a flood of
+#: empty chunks with distinct ids is bounded by MAX_REASSEMBLY_BYTES too.
+GROUP_OVERHEAD_BYTES = 512
+#: Mode of ipc:// socket files made by bind (``--ipc-mode``).
+DEFAULT_IPC_MODE = 0o660
+#: How often the --curve-allow directory is looked at for changes.
+CURVE_ALLOW_POLL_S = 1.0
 #: Reasons counted by the collector itself besides the receiver's: a malformed acked batch, and an
 #: acknowledgement sent to the collector (a peer wired the wrong way round).
 _REASONS = MALFORMED_REASONS + tuple(r for r in ("batch", "ack") if r not in MALFORMED_REASONS)
@@ -110,6 +136,158 @@ def safe_path_part(value):
     if len(text) > MAX_NAME_BYTES:
         text = text[:MAX_NAME_BYTES - 34] + "%%" + hashlib.blake2b(raw, digest_size=16).hexdigest()
     return text
+
+
+def _ipc_path(endpoint):
+    # The socket file of an ipc:// endpoint (None: another transport, or Linux's abstract
+    # namespace "ipc://@name", which has no file).
+    scheme, _, path = endpoint.partition("://")
+    if scheme != "ipc" or not path or path.startswith("@") or path == "*":
+        return None
+    return path
+
+
+class CurveAllowList:
+    """CURVE for the collector's sockets: its key pair, and the ZAP handler of ``--curve-allow``.
+
+    The allow-list is a directory of public certificates (``*.key``, as ``zeroline keygen``
+    writes them), enforced by pyzmq's :class:`zmq.auth.thread.ThreadAuthenticator` (ZAP, RFC 27,
+    domain ``*``). It is read again on :meth:`reload` (SIGHUP) and when the directory or one of
+    its ``.key`` files changes (looked at every :data:`CURVE_ALLOW_POLL_S`). A list that cannot be
+    read keeps the one loaded before, and says why. A refused key is counted
+    (``refused_total``) and reported once per key.
+
+    Args:
+        context: the collector's pyzmq context (the ZAP handler must live in it).
+        secret_key: ``(public, secret)`` Z85 keys of the collector
+            (:func:`zeroline.keys.load_secret_key`).
+        allow_dir: the allow-list directory, or None: any client with a valid handshake is
+            accepted (said in a warning).
+        warn: a callable taking one line.
+
+    Raises:
+        ConfigError: ``allow_dir`` cannot be read, or holds a certificate that is not one.
+    """
+
+    def __init__(self, context, secret_key, allow_dir=None, warn=None):
+        self.public_key, self.secret_key = secret_key
+        self.allow_dir = allow_dir
+        self.warn = warn or _warn_stderr
+        self.refused_total = 0
+        self.keys_total = 0
+        self._refused_keys = set()
+        self._lock = threading.Lock()
+        self._auth = None
+        self._watcher = None
+        self._wake = threading.Event()
+        self._closed = False
+        self._signature = None
+        if allow_dir is None:
+            self.warn("warning: CURVE without --curve-allow: any client with a valid handshake "
+                      "is accepted (only the traffic is encrypted)")
+            return
+        certs = self._load()            # raises ConfigError at start: fail before binding
+        from zmq.auth.thread import ThreadAuthenticator
+
+        owner = self
+
+        class _Authenticator(ThreadAuthenticator):
+            async def _authenticate_curve(self, domain, client_key):
+                allowed, reason = await super()._authenticate_curve(domain, client_key)
+                if not allowed:
+                    owner._refused(client_key)
+                return allowed, reason
+
+        self._auth = _Authenticator(context)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=allow_dir)
+        self._auth.certs["*"] = certs   # the list checked above, even if the dir changed since
+        self._watcher = threading.Thread(target=self._watch, name="zeroline-curve-allow",
+                                         daemon=True)
+        self._watcher.start()
+
+    def setup(self, sock):
+        """Make ``sock`` a CURVE server (before bind)."""
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public_key)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret_key)
+
+    def _refused(self, client_key):
+        # On the ZAP thread: count, and say it once per key (a refused client keeps retrying).
+        key = z85.encode(client_key).decode("ascii")
+        with self._lock:
+            self.refused_total += 1
+            if key in self._refused_keys or len(self._refused_keys) >= 10000:
+                return
+            self._refused_keys.add(key)
+        self.warn("refused a CURVE client: key %s is not in %s" % (key, self.allow_dir))
+
+    def _state(self):
+        # What a change of the allow-list changes: the directory, and each .key file.
+        entries = [str(os.stat(self.allow_dir).st_mtime_ns)]
+        with os.scandir(self.allow_dir) as it:
+            for entry in it:
+                if entry.name.endswith(".key"):
+                    try:
+                        st = entry.stat()
+                    except OSError:
+                        continue
+                    entries.append("%s %d %d %d" % (entry.name, st.st_mtime_ns, st.st_size,
+                                                    st.st_ino))
+        return sorted(entries)
+
+    def _load(self):
+        from zmq.auth.certs import load_certificates
+
+        try:
+            signature = self._state()
+            certs = load_certificates(self.allow_dir)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("cannot read --curve-allow %s: %s"
+                              % (self.allow_dir, getattr(exc, "strerror", None) or exc)) from None
+        self._signature = signature
+        self.keys_total = len(certs)
+        return certs
+
+    def reload(self):
+        """Read the allow-list again now (safe in a signal handler: it only wakes the watcher)."""
+        self._wake.set()
+
+    def _watch(self):
+        while True:
+            woken = self._wake.wait(CURVE_ALLOW_POLL_S)
+            self._wake.clear()
+            if self._closed:
+                return
+            try:
+                changed = woken or self._state() != self._signature
+            except OSError:
+                changed = True
+            if not changed:
+                continue
+            try:
+                certs = self._load()
+            except ConfigError as exc:
+                self.warn("error: %s; keeping the %d keys loaded before" % (exc, self.keys_total))
+                try:
+                    self._signature = self._state()     # said once per change, not every second
+                except OSError:
+                    pass
+                continue
+            self._auth.certs["*"] = certs
+            with self._lock:
+                self._refused_keys.clear()      # a key refused again after a change is said again
+            self.warn("CURVE allow-list %s: %d keys" % (self.allow_dir, len(certs)))
+
+    def close(self):
+        self._closed = True
+        self._wake.set()
+        if self._watcher is not None:
+            self._watcher.join()
+            self._watcher = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
 
 def _text_prefix(record):
@@ -639,9 +817,14 @@ class Collector:
             ``"interval"`` (at most every :data:`FSYNC_INTERVAL_S`; acks do not wait) or
             ``"never"``.
         warn: a callable taking one line of text, for write errors (default: stderr).
+        max_streams: distinct tenant/service files at most; lines for others go to
+            ``OUT/_overflow/_overflow.log`` (counted in ``overflow_total``).
+        curve_secret_key: ``(public, secret)`` Z85 keys: CURVE on every bind (None: off).
+        curve_allow: directory of allowed client public keys (:class:`CurveAllowList`).
+        ipc_mode: mode of ``ipc://`` socket files.
 
     Raises:
-        ConfigError: a bad argument.
+        ConfigError: a bad argument; an unreadable ``curve_allow``.
 
     Counters: ``messages_total``, ``bytes_total`` (payload bytes), ``malformed_total`` and
     ``malformed_reasons``, ``partial_expired_total`` (groups written without their last chunk),
@@ -652,7 +835,9 @@ class Collector:
 
     def __init__(self, out_dir=None, out=None, fmt="text", context=None, max_size=None,
                  max_files=DEFAULT_MAX_FILES, max_open_files=MAX_OPEN_FILES,
-                 batch_messages=BATCH_MESSAGES, fsync="interval", warn=None):
+                 batch_messages=BATCH_MESSAGES, fsync="interval", warn=None,
+                 max_streams=DEFAULT_MAX_STREAMS, curve_secret_key=None, curve_allow=None,
+                 ipc_mode=DEFAULT_IPC_MODE):
         if fmt not in FORMATS:
             raise ConfigError("--format must be text or json, got %r" % (fmt,))
         if (out_dir is None) == (out is None):
@@ -667,6 +852,12 @@ class Collector:
             raise ConfigError("--fsync must be one of %s, got %r" % (", ".join(FSYNC_MODES), fsync))
         if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise ConfigError("--out %s is not a directory" % out_dir)
+        if max_streams < 1:
+            raise ConfigError("--max-streams must be at least 1, got %d" % max_streams)
+        if not 0 <= ipc_mode <= 0o777:
+            raise ConfigError("--ipc-mode must be an octal mode from 0 to 777, got %o" % ipc_mode)
+        if curve_allow is not None and curve_secret_key is None:
+            raise ConfigError("--curve-allow needs --curve-secret-key (CURVE on)")
         self.out_dir = out_dir
         self.out = out
         self.fmt = fmt
@@ -676,12 +867,26 @@ class Collector:
         self.batch_messages = batch_messages
         self.fsync = fsync
         self.warn = warn if warn is not None else _warn_stderr
+        self.max_streams = max_streams
+        self.ipc_mode = ipc_mode
+        self.overflow_total = 0         # lines written to _overflow (past max_streams)
+        self._dests = set()             # (tenant, service) given their own file so far
+        self._recv_limit = batch_messages   # messages per receive call (RECEIVE_BUDGET_BYTES)
         self._own_context = context is None
         self.context = zmq.Context() if context is None else context
+        self.curve = None
+        if curve_secret_key is not None:
+            try:
+                self.curve = CurveAllowList(self.context, curve_secret_key, curve_allow,
+                                            self.warn)
+            except BaseException:
+                if self._own_context:
+                    self.context.term()
+                raise
         self.sockets = []
         self.endpoints = []
         self._acked_sockets = set()
-        self._receiver = core.Receiver()
+        self._receiver = core.Receiver(max_frame_bytes=MAX_MESSAGE_BYTES)
         self._files = collections.OrderedDict()     # (tenant, service) -> LogFile, LRU first
         self._paths = set()
         self._stop = threading.Event()
@@ -723,6 +928,8 @@ class Collector:
         self.write_error = None         # "PATH: REASON" while writes fail (/healthz)
 
     messages_total = property(lambda self: self._receiver.messages_total)
+    curve_refused_total = property(
+        lambda self: 0 if self.curve is None else self.curve.refused_total)
     bytes_total = property(lambda self: self._receiver.bytes_total)
 
     @property
@@ -751,9 +958,13 @@ class Collector:
     def bind(self, endpoint, kind="pull"):
         """Bind a PULL (``kind="pull"``, for push forwarders), SUB (``"sub"``, subscribed to
         everything, for pub forwarders) or ROUTER (``"acked"``, for acked forwarders) socket. The
-        receive high-water mark is unlimited: libzmq was seen to lose queued messages when a
-        sender disconnects while the receiver is at its HWM. The first acked endpoint opens the
-        journal in ``OUT/.zeroline/``.
+        receive high-water mark of PULL and SUB is unlimited: libzmq (4.3.5, measured) loses
+        queued messages when a sender disconnects while the receiver is at its HWM; the ROUTER's
+        is :data:`ACKED_RCVHWM_MSGS` (its peers resend). Message parts over
+        :data:`MAX_MESSAGE_BYTES` make libzmq drop the connection. With CURVE (``curve_secret_key``)
+        every socket is a CURVE server; an ``ipc://`` socket file gets mode ``ipc_mode``; a
+        ``tcp://`` bind without CURVE on a non-loopback address is warned about. The first acked
+        endpoint opens the journal in ``OUT/.zeroline/``.
 
         Raises:
             ConfigError: an unknown kind; ``"acked"`` without ``out_dir``; the journal is locked
@@ -771,19 +982,44 @@ class Collector:
             for stream_id, written in self._journal.streams.items():
                 self._streams[stream_id] = _AckedStream(stream_id, written, written)
         sock = self.context.socket({"pull": zmq.PULL, "sub": zmq.SUB, "acked": zmq.ROUTER}[kind])
-        sock.setsockopt(zmq.RCVHWM, 0)
+        # Memory: a largest message part, and a finite receive HWM where that loses nothing
+        # (see ACKED_RCVHWM_MSGS for the measurement, and MAX_MESSAGE_BYTES).
+        sock.setsockopt(zmq.RCVHWM, ACKED_RCVHWM_MSGS if kind == "acked" else 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.setup(sock)
+        elif exposed_tcp_host(endpoint) is not None:
+            self.warn("warning: %s takes lines without CURVE: anyone who reaches it can write "
+                      "into any tenant's files (--curve-secret-key, --curve-allow)" % endpoint)
         if kind == "sub":
             sock.setsockopt(zmq.SUBSCRIBE, b"")
         elif kind == "acked":
             # An ack to a peer that is gone (or whose queue is full) is dropped, never raised.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        ipc_path = _ipc_path(endpoint)
+        # An ipc socket file is created with 0777 minus the umask: with a umask at least as
+        # narrow as --ipc-mode during the bind (libzmq binds in this thread), the file is never
+        # wider than asked, even before the chmod that sets it exactly. (The umask is the
+        # process's: a file another thread creates meanwhile gets the narrower mode too.)
+        old_umask = os.umask(0o777) if ipc_path else None
         try:
+            if old_umask is not None:
+                os.umask(old_umask | (0o777 & ~self.ipc_mode))
             sock.bind(endpoint)
+            if ipc_path:
+                os.chmod(ipc_path, self.ipc_mode)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise TransportError("cannot bind %s: %s" % (endpoint, exc.strerror), exc.errno,
                                  endpoint) from None
+        except OSError as exc:
+            sock.close(linger=0)
+            raise TransportError("cannot set the mode of %s: %s" % (ipc_path, exc.strerror),
+                                 exc.errno, endpoint) from None
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
         self.sockets.append(sock)
         self.endpoints.append(endpoint)
         if kind == "acked":
@@ -852,7 +1088,14 @@ class Collector:
             if sock in self._acked_sockets:
                 acked.append(sock)
             else:
-                got += recv(sock, self.batch_messages, 0)
+                before = self._receiver.bytes_total
+                count = recv(sock, self._recv_limit, 0)
+                got += count
+                if count:
+                    # RECEIVE_BUDGET_BYTES: as many messages of the last ones' size as fit.
+                    size = self._receiver.bytes_total - before
+                    self._recv_limit = max(16, min(self.batch_messages,
+                                                   RECEIVE_BUDGET_BYTES * count // max(size, 1)))
         if got:
             self._write_entries(self._render())
         for sock in acked:
@@ -1102,6 +1345,13 @@ class Collector:
             self.out.write(data)
             self._count_written(tenant, service, data)
             return
+        if (tenant, service) not in self._dests:
+            if len(self._dests) < self.max_streams:
+                self._dests.add((tenant, service))
+            else:
+                # --max-streams: one file for every destination past the limit.
+                self.overflow_total += _count_newlines(data)
+                tenant = service = OVERFLOW_NAME.encode("ascii")
         if not self._pending:
             try:
                 handle = self._file(tenant, service)
@@ -1195,6 +1445,8 @@ class Collector:
         if group is None:
             group = self._groups[key] = _Group(time.monotonic(), tenant, service,
                                                _text_prefix(record), self._origin)
+            group.size = GROUP_OVERHEAD_BYTES     # counted in _held_bytes with the chunks
+            self._held_bytes += GROUP_OVERHEAD_BYTES
             if self._origin is not None:
                 # The batch this line started in is not written until the line is.
                 self._origin[0].holds[key] = self._origin[1]
@@ -1304,6 +1556,8 @@ class Collector:
                 self._syncer.close()
             if self._journal is not None:
                 self._journal.close()
+            if self.curve is not None:
+                self.curve.close()
             if self._own_context:
                 self.context.term()
                 self._own_context = False
@@ -1326,9 +1580,19 @@ class Collector:
         since, seen = self._tick
         rate = (self.messages_total - seen) / (now - since) if now > since else 0.0
         self._tick = (now, self.messages_total)
-        return "%d messages, %d bytes, %s%s, %.0f messages/s" % (
+        return "%d messages, %d bytes, %s%s%s, %.0f messages/s" % (
             self.messages_total, self.bytes_total, self._malformed_text(), self._acked_text(),
-            rate)
+            self._guard_text(), rate)
+
+    def _guard_text(self):
+        # The bounds that refused or redirected something: --max-streams, the CURVE allow-list.
+        text = ""
+        if self.overflow_total:
+            text += ", %d lines over --max-streams (%d) in %s" % (
+                self.overflow_total, self.max_streams, OVERFLOW_NAME)
+        if self.curve is not None:
+            text += ", curve_refused_total %d" % self.curve_refused_total
+        return text
 
     def stats_line(self):
         """One line for ``--stats``: totals, and the rate from the first to the last batch."""
@@ -1337,6 +1601,7 @@ class Collector:
             self.partial_expired_total, self._acked_text())
         if self.write_errors_total:
             line += ", %d write error episodes" % self.write_errors_total
+        line += self._guard_text()
         if self.first_message_at is not None and self.last_message_at > self.first_message_at:
             span = self.last_message_at - self.first_message_at
             line += "; %.3f s first to last batch, %.0f messages/s" % (

@@ -130,15 +130,24 @@ class AckedSink(Sink):
         state.inflight.append(batch)
         self._inflight += 1
         self._inflight_lines += batch.lines
-        self.socket.send_multipart(batch.frames, copy=False)
+        self._send_frames(batch.frames)
         self.batches_sent_total += 1
         self.lines_sent_total += batch.lines
+
+    def _send_frames(self, frames):
+        # Never wait in libzmq: a DEALER without a connection (a CURVE handshake the collector
+        # refused leaves none, and libzmq does not reconnect after it) would block the process
+        # for good. The batch is in the window either way and goes out with the resends.
+        try:
+            self.socket.send_multipart(frames, zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            pass
 
     def _resend_all(self, why):
         count = 0
         for state in self._by_id.values():
             for batch in state.inflight:
-                self.socket.send_multipart(batch.frames, copy=False)
+                self._send_frames(batch.frames)
                 count += 1
         self.batches_resent_total += count
         self._last_progress = time.monotonic()

@@ -27,9 +27,14 @@ MAX_STREAM_ID = 255
 #: Monitor events of a failed ZMTP handshake. Measured with libzmq 4.3.5: a CURVE client with the
 #: wrong server key gets NO_DETAIL (the server cannot decrypt our HELLO and hangs up), a key the
 #: collector's ZAP handler refuses gets AUTH (status 400), CURVE on one side only gets PROTOCOL
-#: (mechanism mismatch) on both sides. libzmq keeps reconnecting; they repeat.
+#: (mechanism mismatch) on both sides. libzmq reconnects by itself only after NO_DETAIL (see
+#: RECONNECT_AFTER_REFUSAL_S for the others).
 HANDSHAKE_FAILED_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+#: After a handshake the collector refused (AUTH) or could not speak (PROTOCOL), libzmq does not
+#: connect again by itself; the sink does, this long after, so a key added to the collector's
+#: allow-list later (or CURVE turned on there) starts the delivery without a restart.
+RECONNECT_AFTER_REFUSAL_S = 2.0
 #: What a sink's monitor watches: a peer came or went, or a handshake failed.
 MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                   | HANDSHAKE_FAILED_EVENTS)
@@ -137,6 +142,7 @@ class Sink:
         self.peer_changed_at = self._started
         self._missing_reported = False
         self._failures_reported = set()     # kinds of handshake failure said already
+        self._reconnect_at = None           # see RECONNECT_AFTER_REFUSAL_S
         self.handshake_failures_total = 0
         try:
             self._setup()
@@ -306,6 +312,8 @@ class Sink:
                 if kind not in self._failures_reported:
                     self._failures_reported.add(kind)
                     self.report(_handshake_failure_text(what, value, self.endpoint))
+                if what != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self._reconnect_at is None:
+                    self._reconnect_at = time.monotonic() + RECONNECT_AFTER_REFUSAL_S
             elif what == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if self.disconnects_total and not self.connected:
                     self.report("collector at %s is back" % self.endpoint)
@@ -353,6 +361,16 @@ class Sink:
         """Timers, called by the supervisor a few times a second: peer state and reporting.
         Returns True when the sink may take messages it refused before."""
         self._peer_events()
+        if self._reconnect_at is not None and time.monotonic() >= self._reconnect_at:
+            self._reconnect_at = None
+            try:
+                self.socket.disconnect(self.endpoint)
+            except zmq.ZMQError:        # libzmq ended that connection already
+                pass
+            try:
+                self.socket.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                self.report("cannot connect to %s again: %s" % (self.endpoint, exc.strerror))
         if (not self.peer_seen and not self._missing_reported and self.options.peer_wait_s > 0
                 and time.monotonic() - self._started > self.options.peer_wait_s):
             self._missing_reported = True
