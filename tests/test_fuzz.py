@@ -352,3 +352,86 @@ def test_deep_nesting_is_refused_by_the_checks(depth):
         inner = inner[0]
     with pytest.raises(ProtocolError, match="nested deeper than"):
         docker_plugin.check_start_logging(body)
+
+
+# ---------------------------------------------------------------------------------------------
+# The acked transport's batch codec: bodies, batch messages and acks from outside
+
+def _body(records):
+    return b"".join(struct.pack(">I", len(r)) + r for r in records)
+
+
+_BODIES = st.one_of(
+    st.binary(max_size=200),                                                   # anything
+    st.lists(st.binary(max_size=40), min_size=1, max_size=6).map(_body),       # well formed
+    st.tuples(st.lists(st.binary(max_size=40), min_size=1, max_size=6),
+              st.binary(min_size=1, max_size=6)).map(lambda t: _body(t[0]) + t[1]),  # trailing
+    st.tuples(st.lists(st.binary(max_size=40), min_size=1, max_size=6),
+              st.integers(1, 20)).map(lambda t: _body(t[0])[:-t[1]]),          # cut short
+    st.integers(0, 2**32 - 1).map(lambda n: struct.pack(">I", n) + b"x" * 8),  # huge length
+)
+
+
+def _add_batch(module, tenant, service, body, limit):
+    receiver = module.Receiver(max_frame_bytes=limit)
+    try:
+        count = receiver.add_batch(tenant, service, body)
+    except ProtocolError as exc:
+        assert exc.reason == "batch" and str(exc) and receiver.pending_messages == 0
+        return ("refused", str(exc), receiver.messages_total)
+    return ("added", count, [list(map(bytes, m)) for m in receiver.take()],
+            receiver.messages_total, receiver.bytes_total)
+
+
+@FUZZ
+@given(tenant=st.binary(max_size=12), service=st.binary(max_size=12), body=_BODIES,
+       limit=st.sampled_from([0, 4, 16, 64 * 1024 * 1024]))
+def test_add_batch_raises_only_protocol_error_and_both_agree(impl, tenant, service, body, limit):
+    got = _add_batch(impl, tenant, service, body, limit)
+    assert got == _add_batch(_core_py, tenant, service, body, limit)
+    # The twin's add_batch is split_batch plus the destination check: the same verdict.
+    try:
+        records = _core_py.split_batch(body, limit)
+        if len(tenant) > limit or len(service) > limit:
+            records = None
+    except ProtocolError as exc:
+        assert exc.reason == "batch"
+        records = None
+    if records is None:
+        assert got[0] == "refused"
+    else:
+        assert got[0] == "added" and got[2] == [[tenant, service, r] for r in records]
+
+
+_FRAME = st.one_of(st.binary(max_size=20), st.sampled_from(
+    [_core_py.BATCH_KIND, _core_py.ACK_KIND, b"", b"\0" * 8, b"\0" * 7 + b"\1", b"s" * 255,
+     b"s" * 256]))
+
+
+@FUZZ
+@given(frames=st.lists(_FRAME, max_size=8))
+def test_batch_and_ack_decoders_raise_only_protocol_error(frames):
+    for decode, reason in ((_core_py.decode_batch_message, "batch"),
+                           (_core_py.decode_ack, "ack")):
+        try:
+            decoded = decode(frames)
+        except ProtocolError as exc:
+            assert exc.reason == reason and str(exc) and "\n" not in str(exc)
+            continue
+        # What decodes encodes back to the same frames.
+        if reason == "batch":
+            assert _core_py.encode_batch_message(*decoded) == [bytes(f) for f in frames]
+        else:
+            assert _core_py.encode_ack(*decoded) == [bytes(f) for f in frames]
+
+
+@FUZZ
+@given(body=st.binary(max_size=300), limit=st.one_of(st.none(), st.integers(0, 64)))
+def test_split_batch_on_random_bytes_raises_only_protocol_error(body, limit):
+    try:
+        records = _core_py.split_batch(body, limit)
+    except ProtocolError as exc:
+        assert exc.reason == "batch"
+        return
+    assert records and _body(records) == body
+    assert limit is None or all(len(r) <= limit for r in records)
