@@ -34,6 +34,9 @@ without grpc_tools/protobuf, which encode the LogEntry frames once per run):
   dec_py   the same with the twin
   dec_pb   the protobuf package: length prefix + LogEntry.FromString + seed payload per entry
   design row, full runs only (or --rows): plug_1w, plug with one write() per entry (dockerd's way)
+and, separately (``python -m benchmarks.bench_curve [--check]``, issue 8): forward → collect
+over tcp://127.0.0.1, push and acked, CurveZMQ vs plaintext interleaved; floors in gates.toml
+[curve] (a table ``load_gates`` leaves alone).
 then prints a table and the ratios, appends JSON lines to benchmarks/results/results.jsonl and,
 with ``--check``, exits 1 when a ratio of benchmarks/gates.toml is under its floor or a check of
 messages and bytes failed.
