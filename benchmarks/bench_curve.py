@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+
 import tomllib
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -21,8 +21,8 @@ WAIT_S = 20.0
 
 
 def zeroline(*args):
-    return subprocess.run([sys.executable, "-m", "zeroline", *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=60, check=True)
+    return subprocess.run([sys.executable, "-m", "zeroline", *args], capture_output=True,
+                          timeout=60, check=True)
 
 
 class Proc:
@@ -208,7 +208,7 @@ def test_wrong_server_key_delivers_nothing_and_is_said(world):
     col = collect(world, "--bind", address)
     wait_bound(col, address)
     with open(os.path.join(world["keys"], "stranger.key")) as f:
-        wrong = [line.split('"')[1] for line in f if "public-key" in line][0]
+        wrong = next(line.split('"')[1] for line in f if "public-key" in line)
     fwd = forward(world, address, server_key=wrong)
     _refused(world, fwd, col, "is CURVE on at both ends and the server key right?")
 

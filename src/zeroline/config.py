@@ -326,7 +326,8 @@ def _parse_curve_public_key(text: object) -> bytes | None:
     text = _require_str(text)
     if not text:
         return None
-    from zeroline.keys import load_public_key  # imports zmq: only when CURVE is asked for
+    # zeroline.keys imports zmq: only when CURVE is asked for.
+    from zeroline.keys import load_public_key
 
     try:
         return load_public_key(text)
