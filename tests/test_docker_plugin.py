@@ -517,7 +517,7 @@ def test_non_blocking_container_never_waits_for_a_missing_collector(env):
     path, info, _, answer = env.start(CID, opts(nobody, mode="non-blocking",
                                                 max_buffer_size="1k"))
     assert answer == {"Err": ""}
-    n = 2000      # 2000 x ~120 bytes: far more than the 64 KiB a pipe holds
+    n = 20000     # 20000 x ~120 bytes: far more than the 1 MiB pipe the plugin asks for
     writer = threading.Thread(target=env.log, args=[path] + [env.entry(b"z" * 100)
                                                              for _ in range(n)])
     writer.start()

@@ -123,9 +123,11 @@ class Copier:
 
     def _resume(self):
         sup = self.supervisor
-        if self.eof or self.reading or self in sup._backlog or self in sup._parked:
-            return          # finished, or the supervisor restarts it when it is its turn
-        self._start()
+        if self.eof or self.reading:
+            return
+        if self.blocking and (self in sup._backlog or self in sup._parked):
+            return          # the supervisor restarts it when it is its turn
+        self._start()       # a non-blocking copier never stops reading for long
 
     def feed(self, data):
         """Feed bytes read elsewhere (e.g. a FIFO's first read, resynchronised by the Docker
