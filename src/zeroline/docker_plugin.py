@@ -14,6 +14,14 @@ Protocol as read from the engine's code (docs/docker-logging.md §4-§5):
   ``cache-compress`` (defaults 20 MiB, 5 files, compressed, as the daemon's own cache), which serves
   ``/LogDriver.ReadLogs`` (``docker logs``).
 
+* The engine never calls StartLogging again for a running container, so each instance is recorded
+  in ``STATE/instances`` and a restarted plugin re-opens the FIFOs that still exist
+  (:meth:`Plugin.reattach`); SIGTERM leaves every FIFO at an entry boundary, and after a kill the
+  next process skips to the first one (:func:`entry_boundary`).
+* Every sink gets a spool under ``STATE/spool`` unless ``spool-dir`` names one or
+  ``ZEROLINE_SPOOL=off``, so a missing collector never stops the reading (the daemon's copier
+  would block with the container's logger lock held).
+
 Errors are answered in the protocol's ``Err`` field with status 200 (the daemon shows the text);
 a body that is not JSON gets status 400. Every field of a request is type-checked against what the
 daemon sends (docs/docker-logging.md §2, §4) and bounded in size before anything is done with it,
