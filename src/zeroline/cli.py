@@ -253,8 +253,8 @@ def build_parser():
                           "keygen; mode 0600): traffic encrypted, the collector authenticated")
     col.add_argument("--curve-allow", default=None, metavar="DIR",
                      help="with --curve-secret-key: only clients whose public key (NAME.key) is "
-                          "in DIR are accepted; re-read on SIGHUP and when DIR changes "
-                          "(default: any client with a valid handshake)")
+                          "in DIR are accepted; re-read on SIGHUP and when DIR changes; "
+                          "without it any client with a valid handshake is")
     col.add_argument("--max-streams", type=int, default=None, metavar="N",
                      help="distinct tenant/service files at most; lines for further ones go to "
                           "OUT/_overflow/_overflow.log and are counted (default: 10000)")
