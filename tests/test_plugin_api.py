@@ -176,7 +176,8 @@ def open_fds_to(path):
     found = []
     for fd in os.listdir("/proc/self/fd"):
         try:
-            if os.readlink("/proc/self/fd/" + fd) == path:
+            # A rejected FIFO is unlinked; the daemon's fd then reads "PATH (deleted)".
+            if os.readlink("/proc/self/fd/" + fd) in (path, path + " (deleted)"):
                 found.append(fd)
         except OSError:
             pass

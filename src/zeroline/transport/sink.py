@@ -560,6 +560,16 @@ class ZmqSink(Sink):
     def idle(self):
         return self._current is None and self._spool_idle()
 
+    def stats(self):
+        out = super().stats()
+        if self.spool is not None:
+            # Messages of spooled batches libzmq took (the streams' sent_total counts direct
+            # sends only), and the spool's size.
+            out.update(lines_sent_total=self.spooled_messages_sent_total,
+                       spool_bytes=self.spool.bytes_used, spool_records=self.spool.records,
+                       spool_segments=self.spool.segments)
+        return out
+
     def undelivered(self):
         """With a spool: ``(batches, 0)`` still in it (their lines are on disk, not lost)."""
         if self.spool is None:
