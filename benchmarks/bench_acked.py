@@ -35,6 +35,7 @@ import time
 import zlib
 
 from .bench_core import CONTAINER_ID, SERVICE, TENANT, Child, child_timeout_s, cpu_s, vmhwm_mb
+from .bench_supervisor import check_file, file_timing
 
 #: What the collector's text output puts before each line of an acked (msgpack) record.
 ACKED_PREFIX = CONTAINER_ID.encode() + b" stdout: "
@@ -160,19 +161,6 @@ def _launcher(exe, kind, endpoint, in_path, out_dir, log_path, messages, expecte
     return res
 
 
-def file_digest(path):
-    crc = lines = size = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(1 << 20)
-            if not block:
-                break
-            crc = zlib.crc32(block, crc)
-            lines += block.count(b"\n")
-            size += len(block)
-    return lines, crc, size
-
-
 def spool_digest(spool_dir):
     """``(lines, crc, bytes)`` of the spool's records rendered as the collector's text output
     (what spool_r must then deliver), read back through the spool's own reader; untimed."""
@@ -268,19 +256,8 @@ def measure_cli_row(ctx, exe, row, wl, endpoint, work_dir, digest, spools):
             elif not os.path.exists(log_path):
                 errors.append("no %s" % os.path.relpath(log_path, out_dir))
             else:
-                got_lines, got_crc, size = file_digest(log_path)
-                res["messages"] = got_lines
-                if (got_lines, size) != (messages, expected_bytes):
-                    errors.append("file has %d lines, %d bytes; expected %d, %d"
-                                  % (got_lines, size, messages, expected_bytes))
-                elif got_crc != crc:
-                    errors.append("file checksum differs")
-            if lres["t_first"] is None or lres["t_full"] is None or \
-                    lres["t_full"] <= lres["t_first"]:
-                errors.append("no usable timing")
-            else:
-                res["wall_s"] = lres["t_full"] - lres["t_first"]
-                res["wall_launch_s"] = lres["exit_forward"] - lres["t_fwd"]
+                check_file(res, errors, log_path, messages, expected_bytes, crc)
+            file_timing(res, errors, lres, lres["exit_forward"])
         if errors:
             res["error"] = "; ".join(errors)
         res["verified"] = ("spool lines+crc" if row == "spool_w" else "file lines+crc") \

@@ -689,6 +689,26 @@ def _fwd_col_launcher(exe, endpoint, in_path, out_dir, log_path, messages, expec
             "timed_out": time.monotonic() > deadline}
 
 
+def check_file(res, errors, log_path, messages, expected_bytes, crc):
+    """Lines, size and CRC of a collector's output file against what was sent."""
+    got_lines, got_crc, size = file_digest(log_path)
+    res["messages"] = got_lines
+    if (got_lines, size) != (messages, expected_bytes):
+        errors.append("file has %d lines, %d bytes; expected %d, %d"
+                      % (got_lines, size, messages, expected_bytes))
+    elif got_crc != crc:
+        errors.append("file checksum differs")
+
+
+def file_timing(res, errors, lres, t_end):
+    """A CLI row's timing at the file: first bytes → every line, and launch → ``t_end``."""
+    if lres["t_first"] is None or lres["t_full"] is None or lres["t_full"] <= lres["t_first"]:
+        errors.append("no usable timing")
+    else:
+        res["wall_s"] = lres["t_full"] - lres["t_first"]
+        res["wall_launch_s"] = t_end - lres["t_fwd"]
+
+
 def file_digest(path):
     crc = 0
     lines = 0
@@ -744,19 +764,8 @@ def measure_fwd_col(ctx, exe, wl, endpoint, work_dir, digest):
             if not os.path.exists(log_path):
                 errors.append("no %s" % os.path.relpath(log_path, out_dir))
             else:
-                got_lines, got_crc, size = file_digest(log_path)
-                res["messages"] = got_lines
-                if (got_lines, size) != (messages, expected_bytes):
-                    errors.append("file has %d lines, %d bytes; expected %d, %d"
-                                  % (got_lines, size, messages, expected_bytes))
-                elif got_crc != crc:
-                    errors.append("file checksum differs")
-            if lres["t_first"] is None or lres["t_full"] is None or \
-                    lres["t_full"] <= lres["t_first"]:
-                errors.append("no usable timing")
-            else:
-                res["wall_s"] = lres["t_full"] - lres["t_first"]
-                res["wall_launch_s"] = lres["t_collect_exit"] - lres["t_fwd"]
+                check_file(res, errors, log_path, messages, expected_bytes, crc)
+            file_timing(res, errors, lres, lres["t_collect_exit"])
         if errors:
             res["error"] = "; ".join(errors)
         res["verified"] = "file lines+crc" if not errors else "FAIL"
