@@ -501,22 +501,20 @@ def run(args):
                 sess.skipped[row] = why
         rows = [r for r in args.rows if r not in sess.skipped]
         ctx = make_context()
-        for rnd in range(args.reps):
-            # A/B interleaving: every row once per round, the order reversed on odd rounds so
-            # slow drift (thermal, page cache, other load) hits all rows alike.
-            order = rows if rnd % 2 == 0 else rows[::-1]
-            for name, wl in sess.workloads.items():
-                for row in order:
-                    if row in W1_ROWS and name != SERVICE_WORKLOAD:
-                        continue
-                    t = time.monotonic()
-                    res = finish(measure_row(sess, ctx, row, wl, tools))
-                    sess.results.setdefault((name, row), []).append(res)
-                    print("  round %d %s %-5s %s (%.1f s)"
-                          % (rnd + 1, name, row,
-                             ("%s lines/s" % fmt_rate(res.get("lines_per_s")))
-                             if "error" not in res else "ERROR " + res["error"][:300],
-                             time.monotonic() - t), flush=True)
+        run_rounds(sess, ctx, rows, tools, range(args.reps))
+        summary = summarize(sess, floors, per_workload, targets)
+        again = rows_to_confirm(summary, rows) if args.check else {}
+        if again:
+            # A gated ratio under its floor is measured again before it fails the check: its
+            # rows (only those) run as many rounds more, and the verdict is the median over all
+            # rounds. One unlucky stretch of other load on a shared machine fails CI no more;
+            # a real regression stays under the floor with twice the evidence.
+            again_rows = [r for r in rows if any(r in pair for pair in again.values())]
+            print("  below floor: %s; measuring %s for %d more round(s)"
+                  % (", ".join(sorted(again)), ", ".join(again_rows), args.reps), flush=True)
+            sess.notes["confirmed"] = "%s: %d more rounds of %s" % (
+                ", ".join(sorted(again)), args.reps, ", ".join(again_rows))
+            run_rounds(sess, ctx, again_rows, tools, range(args.reps, 2 * args.reps))
         sess.notes["load_after"] = load_average()
         summary = summarize(sess, floors, per_workload, targets)
         report(sess, summary, targets)
@@ -528,6 +526,37 @@ def run(args):
         return verdict(sess, summary, targets, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_rounds(sess, ctx, rows, tools, rounds):
+    """Measure every row of rows once per round; results are appended per (workload, row)."""
+    for rnd in rounds:
+        # A/B interleaving: every row once per round, the order reversed on odd rounds so
+        # slow drift (thermal, page cache, other load) hits all rows alike.
+        order = rows if rnd % 2 == 0 else rows[::-1]
+        for name, wl in sess.workloads.items():
+            for row in order:
+                if row in W1_ROWS and name != SERVICE_WORKLOAD:
+                    continue
+                t = time.monotonic()
+                res = finish(measure_row(sess, ctx, row, wl, tools))
+                sess.results.setdefault((name, row), []).append(res)
+                print("  round %d %s %-5s %s (%.1f s)"
+                      % (rnd + 1, name, row,
+                         ("%s lines/s" % fmt_rate(res.get("lines_per_s")))
+                         if "error" not in res else "ERROR " + res["error"][:300],
+                         time.monotonic() - t), flush=True)
+
+
+def rows_to_confirm(summary, rows):
+    """{"workload ratio": (num, den)} of the gated ratios under their floor, both rows measured."""
+    again = {}
+    for (name, ratio), r in summary["ratios"].items():
+        num, den = RATIOS[ratio]
+        if r["floor"] is not None and r["ok"] is False and r["rounds"] \
+                and num in rows and den in rows:
+            again["%s %s" % (name, ratio)] = (num, den)
+    return again
 
 
 def summarize(sess, floors, per_workload, targets):
@@ -679,6 +708,9 @@ def report(sess, summary, targets):
           "at the file too; RSS: forward / the supervisor process.")
     if sess.notes.get("plugin_entries"):
         print("plugin entries: " + sess.notes["plugin_entries"])
+    if sess.notes.get("confirmed"):
+        print("measured again (first median under the floor), ratios over all rounds: "
+              + sess.notes["confirmed"])
 
 
 def plugin_table(sess, rows, name):
