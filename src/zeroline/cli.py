@@ -292,9 +292,9 @@ def _start_metrics(args, source):
 
 def _open_input(path):
     if path == "-":
-        return sys.stdin.fileno(), False
+        return sys.stdin.fileno()
     try:
-        return os.open(path, os.O_RDONLY), True
+        return os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise ConfigError("cannot read input %s: %s" % (path, exc.strerror)) from None
 
@@ -668,7 +668,7 @@ def cmd_forward(args):
     opts = validate_log_opts(_parse_log_opts(args.log_opt), require_address=False)
     if args.stats_interval < 0:
         raise ConfigError("--stats-interval must not be negative")
-    fd, own_fd = _open_input(args.input)
+    fd = _open_input(args.input)
     metrics = _forwarder_metrics()
     _start_metrics(args, metrics)
     opts, embedded, info = _endpoint_and_container(args, opts)
@@ -681,12 +681,8 @@ def cmd_forward(args):
     except BaseException:
         sink.close(0)
         raise
-    finally:
-        if own_fd:
-            try:
-                os.close(fd)
-            except OSError:
-                pass        # the copier closed it at EOF
+    # No close of fd here: its copier owns it and closed it at EOF, and a second close could
+    # hit a file opened since under the same number (the embedded collector's output was).
     confirmed = _finish(sup, sink, outcome, opts, args, embedded)
     if outcome.stop_signal == signal.SIGINT:
         return EXIT_INTERRUPTED
