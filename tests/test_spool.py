@@ -537,3 +537,135 @@ def test_random_operations_match_a_model(ops):
             spool.close()
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the spool behind a pub/push sink: memory first, disk for an outage ---------------------------
+
+import zmq  # noqa: E402
+
+from zeroline.config import ContainerInfo, validate_log_opts  # noqa: E402
+from zeroline.transport import open_sink  # noqa: E402
+from zeroline.transport import sink as sink_module  # noqa: E402
+
+
+@pytest.fixture
+def push_sink(tmp_path):
+    """A push sink with a spool on ipc://, its endpoint, and a function to bind a PULL there."""
+    endpoint = "ipc://%s/c.ipc" % tmp_path
+    ctx = zmq.Context()
+    opts = validate_log_opts({"zmq-address": endpoint, "zmq-socket": "push",
+                              "spool-dir": str(tmp_path / "spool")})
+    sink = open_sink(opts, context=ctx, report=lambda text: None)
+    pulls = []
+
+    def bind():
+        pull = ctx.socket(zmq.PULL)
+        pull.bind(endpoint)
+        pulls.append(pull)
+        return pull
+
+    try:
+        yield sink, bind
+    finally:
+        sink.close(0)
+        for pull in pulls:
+            pull.close(0)
+        ctx.term()
+
+
+def numbered(stream, first, last):
+    stream.feed(b"".join(b"%d\n" % i for i in range(first, last + 1)))
+
+
+def receive_numbers(pull, count, timeout_ms=5000):
+    got = []
+    while len(got) < count and pull.poll(timeout_ms):
+        frames = pull.recv_multipart()
+        got.append(int(frames[2].split(b": ", 1)[1]))
+    return got
+
+
+def spooled(sink):
+    return sink.stats()["spool_records"]
+
+
+def test_with_a_peer_lines_go_straight_to_libzmq_and_never_to_disk(push_sink):
+    sink, bind = push_sink
+    pull = bind()
+    stream = sink.stream(ContainerInfo(container_id="c0ffee"), "stdout")
+    assert sink.poll_peer(2000)
+    numbered(stream, 1, 500)
+    assert sink.offer(stream)
+    assert stream.pending_messages == 0 and spooled(sink) == 0
+    assert receive_numbers(pull, 500) == list(range(1, 501))
+    assert sink.stats()["lines_sent_total"] == 0       # none of them left through the spool
+
+
+def test_refused_lines_wait_in_memory_then_go_to_the_spool_when_the_refusal_lasts(
+        push_sink, monkeypatch):
+    sink, bind = push_sink
+    stream = sink.stream(ContainerInfo(container_id="c0ffee"), "stdout")
+    numbered(stream, 1, 300)
+    assert sink.offer(stream)                   # no peer: taken, held in memory
+    assert stream.pending_messages == 300 and spooled(sink) == 0
+    assert not sink.idle()
+    sink.tick()                                 # a moment later: still in memory
+    assert stream.pending_messages == 300 and spooled(sink) == 0
+    monkeypatch.setattr(sink_module, "MEMORY_TIER_S", 0.0)
+    sink.tick()                                 # the refusal lasted: to disk, in order
+    assert stream.pending_messages == 0 and spooled(sink) >= 1
+    numbered(stream, 301, 400)
+    assert sink.offer(stream)                   # the spool is not empty: behind it, on disk
+    assert stream.pending_messages == 0
+    pull = bind()
+    got = []
+    for _ in range(200):
+        sink.tick()
+        got += receive_numbers(pull, 400 - len(got), timeout_ms=50)
+        if len(got) == 400:
+            break
+    assert got == list(range(1, 401))
+    assert sink.idle() and spooled(sink) == 0
+
+
+def test_memory_holds_a_bounded_amount_for_all_streams_together(push_sink, monkeypatch):
+    sink, bind = push_sink
+    monkeypatch.setattr(sink_module, "MEMORY_TIER_BYTES", 3000)
+    a = sink.stream(ContainerInfo(container_id="aaaa"), "stdout")
+    b = sink.stream(ContainerInfo(container_id="bbbb"), "stdout")
+    a.feed(b"x" * 99 + b"\n" + b"y" * 99 + b"\n")      # 198 line bytes: room
+    assert sink.offer(a) and a.pending_messages == 2 and spooled(sink) == 0
+    b.feed((b"z" * 99 + b"\n") * 30)                    # 2970 more: over the budget with a's
+    assert sink.offer(b)
+    assert b.pending_messages == 0 and spooled(sink) == 1
+    assert sink.offer(a) is True and a.pending_messages == 0   # a follows the spool: in order
+    assert spooled(sink) == 2
+
+
+def test_a_non_blocking_stream_goes_to_disk_before_its_buffer_would_drop(tmp_path):
+    ctx = zmq.Context()
+    opts = validate_log_opts({"zmq-address": "ipc://%s/none.ipc" % tmp_path,
+                              "zmq-socket": "push", "mode": "non-blocking",
+                              "max-buffer-size": "10000", "spool-dir": str(tmp_path / "s")})
+    sink = open_sink(opts, context=ctx, report=lambda text: None)
+    try:
+        stream = sink.stream(ContainerInfo(container_id="c0ffee"), "stdout")
+        for _ in range(20):                     # 20 x 1000 line bytes, twice the buffer
+            stream.feed((b"q" * 99 + b"\n") * 10)
+            assert sink.offer(stream)
+        assert stream.dropped_total == 0
+        assert stream.pending_bytes <= 5000 + 1000
+        assert spooled(sink) >= 1
+    finally:
+        sink.close(0)
+        ctx.term()
+
+
+def test_settle_puts_what_memory_holds_into_the_spool(push_sink):
+    sink, bind = push_sink
+    stream = sink.stream(ContainerInfo(container_id="c0ffee"), "stdout")
+    numbered(stream, 1, 50)
+    assert sink.offer(stream) and stream.pending_messages == 50
+    sink.settle()
+    assert stream.pending_messages == 0 and spooled(sink) == 1
+    assert sink.undelivered() == (1, 0)

@@ -411,8 +411,7 @@ OPTIONS: dict[str, LogOpt] = {
         ),
         LogOpt(
             "spool-dir", "path", None,
-            "Keep batches on disk here until sent (pub/push) or acknowledged (acked); resumed "
-            "by the next run.",
+            "Disk buffer: every batch until acked; pub/push: an outage's lines. Resumed later.",
         ),
         LogOpt(
             "spool-max-size", "binary-size", "1g",

@@ -447,3 +447,4 @@ class Supervisor:
             self._watching_fd = False
         for copier in self.copiers:
             copier._stop()
+        self.sink.settle()   # what it held in memory goes to its spool, if it has one
