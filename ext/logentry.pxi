@@ -43,6 +43,76 @@ ctypedef struct zl_open_group:
     int64_t index                   # its place in messages_total order, or NOT_FRAMED
     uint64_t seq                    # entries_total when it arrived: close() goes in this order
 
+# Protobuf strings (source, partial id) that are not valid UTF-8 are framed as the twin frames
+# them after bytes.decode("utf-8", "replace"): each ill-formed part becomes U+FFFD. The parts are
+# Unicode's "maximal subparts" (Table 3-7 of the standard), which is what CPython's decoder does.
+cdef inline size_t _utf8_seq(const unsigned char *s, size_t n, size_t i, bint *ok) noexcept nogil:
+    # The length of the well-formed sequence at s[i] (*ok = 1), or of the ill-formed part that
+    # starts there (*ok = 0; at least 1 byte).
+    cdef unsigned char c = s[i], lo = 0x80, hi = 0xBF
+    cdef size_t need, k
+    ok[0] = 1
+    if c < 0x80:
+        return 1
+    if c < 0xC2 or c > 0xF4:
+        ok[0] = 0
+        return 1
+    if c < 0xE0:
+        need = 1
+    elif c < 0xF0:
+        need = 2
+        if c == 0xE0:
+            lo = 0xA0
+        elif c == 0xED:
+            hi = 0x9F
+    else:
+        need = 3
+        if c == 0xF0:
+            lo = 0x90
+        elif c == 0xF4:
+            hi = 0x8F
+    for k in range(1, need + 1):
+        if i + k >= n or s[i + k] < lo or s[i + k] > hi:
+            ok[0] = 0
+            return k
+        lo = 0x80
+        hi = 0xBF
+    return need + 1
+
+
+cdef bint _utf8_valid(const char *src, size_t n) noexcept nogil:
+    cdef const unsigned char *s = <const unsigned char *>src
+    cdef size_t i = 0
+    cdef bint ok
+    while i < n:
+        if s[i] < 0x80:
+            i += 1
+            continue
+        i += _utf8_seq(s, n, i, &ok)
+        if not ok:
+            return False
+    return True
+
+
+cdef size_t _utf8_replace(const char *src, size_t n, char *out) noexcept nogil:
+    # src into out with each ill-formed part replaced by U+FFFD; out has room for 3 * n bytes.
+    cdef const unsigned char *s = <const unsigned char *>src
+    cdef size_t i = 0, o = 0, k
+    cdef bint ok
+    while i < n:
+        k = _utf8_seq(s, n, i, &ok)
+        if ok:
+            memcpy(out + o, src + i, k)
+            o += k
+        else:
+            out[o] = <char>0xEF
+            out[o + 1] = <char>0xBF
+            out[o + 2] = <char>0xBD
+            o += 3
+        i += k
+    return o
+
+
 cdef enum:
     ENTRY_OK = 0
     ENTRY_BAD_VARINT = 1
@@ -190,6 +260,7 @@ cdef class EntryStream(Stream):
     """
     cdef zl_buffer _carry           # an incomplete frame waiting for the rest of its bytes
     cdef zl_buffer _local           # accepted entries as [len][entry][len] (keep_local)
+    cdef zl_buffer _fixed           # an entry's source and partial id with U+FFFD (invalid UTF-8)
     cdef size_t _max_entry
     cdef bint _keep_local
     cdef bint _entries_closed
@@ -213,6 +284,9 @@ cdef class EntryStream(Stream):
         self._local.data = NULL
         self._local.capacity = 0
         _buf_reset(&self._local)
+        self._fixed.data = NULL
+        self._fixed.capacity = 0
+        _buf_reset(&self._fixed)
 
     def __init__(self, *, framing="seed", tenant="default", service="default", container_id="",
                  container_name="", attrs=None, max_pending_bytes=-1,
@@ -237,6 +311,7 @@ cdef class EntryStream(Stream):
     def __dealloc__(self):
         free(self._carry.data)
         free(self._local.data)
+        free(self._fixed.data)
 
     @property
     def max_entry_bytes(self):
@@ -347,6 +422,19 @@ cdef class EntryStream(Stream):
                 _frame_message(&self._fr, EMPTY, 0, g.time_nano, g.source, g.source_len, g.id,
                                g.id_len, <int32_t>(<uint32_t>g.ordinal + 1), True)
 
+    cdef int _fix_strings(self, zl_entry *e) except -1 nogil:
+        # Points e's source and partial id at copies with U+FFFD for each ill-formed part.
+        _buf_reset(&self._fixed)
+        _buf_reserve(&self._fixed, 3 * (e.source_len + e.id_len) + 1)
+        cdef char *out = self._fixed.data
+        cdef size_t n = _utf8_replace(e.source, e.source_len, out)
+        e.source = out
+        e.source_len = n
+        if e.has_meta:
+            e.id_len = _utf8_replace(e.id, e.id_len, out + n)
+            e.id = out + n
+        return 0
+
     cdef int _take_frames(self, const char *data, size_t size, size_t *used) except -1 nogil:
         # Decodes every complete frame at the start of data; *used = bytes consumed.
         cdef size_t pos = 0, length
@@ -371,6 +459,9 @@ cdef class EntryStream(Stream):
                 self.malformed_total += 1
                 self._error_code = rc
             else:
+                if not _utf8_valid(e.source, e.source_len) or \
+                        (e.has_meta and not _utf8_valid(e.id, e.id_len)):
+                    self._fix_strings(&e)
                 self.entries_total += 1
                 self.line_bytes_total += e.line_len
                 if e.has_meta:

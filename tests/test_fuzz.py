@@ -48,15 +48,17 @@ def _field(tag, payload):
     return _varint(tag) + _varint(len(payload)) + payload
 
 
+# proto3 strings (source, partial id) should be UTF-8; a peer may still send any bytes.
+_STRING_BYTES = st.one_of(st.text(max_size=4).map(str.encode), st.binary(max_size=6))
+
 _FIELDS = st.one_of(
-    # Strings (source, partial id) are valid UTF-8 here, as proto3 strings are; invalid UTF-8:
-    # see the xfail test below.
-    st.text(max_size=4).map(lambda t: _field(0x0A, t.encode())),             # source
+    _STRING_BYTES.map(lambda b: _field(0x0A, b)),                             # source
     st.integers(0, 2**64 - 1).map(lambda v: b"\x10" + _varint(v)),            # time_nano
     st.binary(max_size=40).map(lambda b: _field(0x1A, b)),                    # line
     st.integers(0, 3).map(lambda v: b"\x20" + _varint(v)),                    # partial
-    st.tuples(st.booleans(), st.text(max_size=70), st.integers(0, 2**32)).map(
-        lambda m: _field(0x2A, b"\x08" + _varint(m[0]) + _field(0x12, m[1].encode())
+    st.tuples(st.booleans(), st.one_of(st.text(max_size=70).map(str.encode), _STRING_BYTES),
+              st.integers(0, 2**32)).map(
+        lambda m: _field(0x2A, b"\x08" + _varint(m[0]) + _field(0x12, m[1])
                          + b"\x18" + _varint(m[2]))),                          # metadata
     st.binary(max_size=6),                                                     # anything
 )
@@ -100,22 +102,13 @@ def _run_entry_stream(cls, pieces):
     return stream.take(), local, stream.stats(), stream.corrupt
 
 
-def _normalized(result):
-    messages, local, stats, corrupt = result
-    records = [(t, s, msgpack.unpackb(p, raw=False, unicode_errors="replace"))
-               for t, s, p in messages]
-    return records, local, stats, corrupt
-
-
 @FUZZ
 @given(data=fifo_bytes(), cuts=st.lists(st.integers(0, 10_000), max_size=6))
 def test_entry_frames_never_crash_and_both_implementations_agree(impl, data, cuts):
     got = _run_entry_stream(entry_stream_class(impl), _splits(data, cuts))
     reference = _run_entry_stream(_logentry_py.EntryStream, [data])
-    # Where the reads were cut never matters, and the compiled core is the twin; records are
-    # compared decoded with U+FFFD for invalid UTF-8 (the one known byte difference, which the
-    # xfail test below holds), everything else byte for byte.
-    assert _normalized(got) == _normalized(reference)
+    # Where the reads were cut never matters, and the compiled core is the twin, byte for byte.
+    assert got == reference
     messages, _, stats, corrupt = got
     assert stats["entries_total"] == len(messages)
     if not corrupt:
@@ -124,18 +117,32 @@ def test_entry_frames_never_crash_and_both_implementations_agree(impl, data, cut
         assert stats["oversized_total"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="the compiled EntryStream copies an invalid UTF-8 source "
-                   "or partial id into the msgpack str as is (a str msgpack decoders refuse); "
-                   "the twin (the spec) and decode_entry put U+FFFD")
 @pytest.mark.parametrize("entry", [_field(0x0A, b"\x80") + _field(0x1A, b"x"),
                                    _field(0x2A, b"\x08\x01" + _field(0x12, b"\xff") + b"\x18\x01")],
                          ids=["source", "partial id"])
 def test_invalid_utf8_strings_are_framed_as_the_twin_frames_them(impl, entry):
     data = struct.pack(">I", len(entry)) + entry
-    if impl.IMPLEMENTATION == "python":
-        pytest.skip("compares the compiled core with the twin")
-    assert _run_entry_stream(entry_stream_class(impl), [data]) == \
-        _run_entry_stream(_logentry_py.EntryStream, [data])
+    got = _run_entry_stream(entry_stream_class(impl), [data])
+    assert got == _run_entry_stream(_logentry_py.EntryStream, [data])
+    record = msgpack.unpackb(got[0][0][2], raw=False)     # a str every msgpack decoder takes
+    assert "\ufffd" in record["source"] + record.get("partial", {}).get("id", "")
+
+
+@FUZZ
+@given(raw=st.one_of(st.binary(max_size=12),
+                     st.lists(st.sampled_from([b"\xe0", b"\xed", b"\xf0", b"\xf4", b"\xc2",
+                                               b"\x80", b"\x9f", b"\xa0", b"\xbf", b"\x90",
+                                               b"\x8f", b"\xc0", b"\xf5", b"a"]),
+                              max_size=8).map(b"".join)))
+def test_ill_formed_utf8_becomes_u_fffd_exactly_as_python_decodes_it(impl, raw):
+    # Both a source and a partial id, framed, carry raw.decode("utf-8", "replace").
+    entry = _field(0x0A, raw) + _field(0x1A, b"x") + \
+        _field(0x2A, b"\x08\x01" + _field(0x12, raw) + b"\x18\x01")
+    messages, _, _, _ = _run_entry_stream(entry_stream_class(impl),
+                                          [struct.pack(">I", len(entry)) + entry])
+    record = msgpack.unpackb(messages[0][2], raw=False)
+    want = raw.decode("utf-8", "replace")
+    assert record["source"] == want and record["partial"]["id"] == want
 
 
 @FUZZ
