@@ -360,6 +360,33 @@ def test_the_journal_survives_a_restart_and_resends_stay_dropped(short_dir, runn
     assert run.col.duplicate_batches_total == 3
 
 
+def test_acked_stream_state_is_bounded_and_the_least_recently_active_is_forgotten(running,
+                                                                                   sockets):
+    # A peer inventing stream ids cannot grow the collector's table: past max_acked_streams the
+    # least recently active settled stream goes; an active one stays and keeps its de-dup.
+    run = running(max_acked_streams=3)
+    dealer = dealer_for(sockets, run.endpoint)
+    for name in (b"old", b"busy", b"x1"):
+        dealer.send_multipart(lines_batch(name, 1)[0])
+        wait_ack(dealer, name, 1)
+    dealer.send_multipart(lines_batch(b"busy", 2)[0])      # busy is now more recent than x1
+    wait_ack(dealer, b"busy", 2)
+    for name in (b"x2", b"x3"):
+        dealer.send_multipart(lines_batch(name, 1)[0])
+        wait_ack(dealer, name, 1)
+        assert len(run.col._streams) <= 3
+    assert run.col.written(b"old") is None and run.col.written(b"x1") is None
+    assert run.col.written(b"busy") == 2
+    assert run.col.acked_streams_forgotten_total == 2
+    dealer.send_multipart(lines_batch(b"busy", 2)[0])      # still a duplicate: not written
+    wait_ack(dealer, b"busy", 2)
+    assert run.col.duplicate_batches_total == 1
+    from zeroline.metrics import CollectorMetrics, summary_line
+
+    line = summary_line(CollectorMetrics(run.col))
+    assert "acked_streams=3 " in line and "acked_streams_forgotten_total=2" in line
+
+
 def entry(stream_id, written):
     text = b"%s %d" % (stream_id.hex().encode(), written)
     return b"%s %08x\n" % (text, zlib.crc32(text))

@@ -127,6 +127,10 @@ def test_random_flood_then_good_lines(place):
     tenants = [t for t in os.listdir(out) if t != ".zeroline"]
     files = sum(len(os.listdir(os.path.join(out, t))) for t in tenants)
     assert files <= MAX_STREAMS + 1
-    assert os.path.getsize(os.path.join(out, "_overflow", "_overflow.log")) > 0
+    with open(os.path.join(out, "_overflow", "_overflow.log"), "rb") as f:
+        overflowed = f.read().count(b"\n")
+    assert overflowed > 0
+    # ... and every one of them is counted where an operator looks (--stats, /metrics).
+    assert "overflow_lines_total=%d " % overflowed in err, err
     print("sent %d random messages in %.0f s; collector RSS peak %.1f MB, after %.1f MB"
           % (sent, FLOOD_S, peak / 1e6, after / 1e6))

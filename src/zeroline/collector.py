@@ -4,6 +4,7 @@ import base64
 import collections
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -75,6 +76,11 @@ JOURNAL_COMPACT_BYTES = 1024 * 1024
 #: OUT/_overflow/_overflow.log and are counted in ``overflow_total``.
 DEFAULT_MAX_STREAMS = 10000
 OVERFLOW_NAME = "_overflow"
+#: Acked stream ids (instance/container/source of a forwarder) whose de-duplication state is kept
+#: (about 300 bytes each in memory and 60 in the journal). Past it, the least recently active
+#: settled streams are forgotten, oldest first: memory stays bounded whatever peers send, and a
+#: forgotten stream that resends an old batch gets it written again (a duplicate, never a loss).
+MAX_ACKED_STREAMS = 100_000
 #: Largest message part libzmq accepts (ZMQ_MAXMSGSIZE; a peer sending more is disconnected) and
 #: largest frame the receiver takes: a 16 MiB line (the largest zmq-line-buffer) plus room for
 #: its record, attrs and the acked batch around it.
@@ -819,6 +825,9 @@ class Collector:
         warn: a callable taking one line of text, for write errors (default: stderr).
         max_streams: distinct tenant/service files at most; lines for others go to
             ``OUT/_overflow/_overflow.log`` (counted in ``overflow_total``).
+        max_acked_streams: acked stream ids whose state is kept (:data:`MAX_ACKED_STREAMS`);
+            past it the least recently active settled ones are forgotten
+            (``acked_streams_forgotten_total``).
         curve_secret_key: ``(public, secret)`` Z85 keys: CURVE on every bind (None: off).
         curve_allow: directory of allowed client public keys (:class:`CurveAllowList`).
         ipc_mode: mode of ``ipc://`` socket files.
@@ -830,14 +839,14 @@ class Collector:
     ``malformed_reasons``, ``partial_expired_total`` (groups written without their last chunk),
     ``acked_batches_total``, ``acked_lines_total`` (records of accepted batches),
     ``duplicate_batches_total``, ``gap_batches_total``, ``acks_sent_total``,
-    ``write_errors_total`` (error episodes), ``unwritten_bytes`` (given up at close).
+    ``acked_streams_forgotten_total``, ``overflow_total``, ``write_errors_total`` (error episodes), ``unwritten_bytes`` (given up at close).
     """
 
     def __init__(self, out_dir=None, out=None, fmt="text", context=None, max_size=None,
                  max_files=DEFAULT_MAX_FILES, max_open_files=MAX_OPEN_FILES,
                  batch_messages=BATCH_MESSAGES, fsync="interval", warn=None,
                  max_streams=DEFAULT_MAX_STREAMS, curve_secret_key=None, curve_allow=None,
-                 ipc_mode=DEFAULT_IPC_MODE):
+                 ipc_mode=DEFAULT_IPC_MODE, max_acked_streams=MAX_ACKED_STREAMS):
         if fmt not in FORMATS:
             raise ConfigError("--format must be text or json, got %r" % (fmt,))
         if (out_dir is None) == (out is None):
@@ -854,6 +863,8 @@ class Collector:
             raise ConfigError("--out %s is not a directory" % out_dir)
         if max_streams < 1:
             raise ConfigError("--max-streams must be at least 1, got %d" % max_streams)
+        if max_acked_streams < 1:
+            raise ConfigError("max_acked_streams must be at least 1, got %d" % max_acked_streams)
         if not 0 <= ipc_mode <= 0o777:
             raise ConfigError("--ipc-mode must be an octal mode from 0 to 777, got %o" % ipc_mode)
         if curve_allow is not None and curve_secret_key is None:
@@ -870,6 +881,8 @@ class Collector:
         self.max_streams = max_streams
         self.ipc_mode = ipc_mode
         self.overflow_total = 0         # lines written to _overflow (past max_streams)
+        self.max_acked_streams = max_acked_streams
+        self.acked_streams_forgotten_total = 0
         self._dests = set()             # (tenant, service) given their own file so far
         self._recv_limit = batch_messages   # messages per receive call (RECEIVE_BUDGET_BYTES)
         self._own_context = context is None
@@ -1146,7 +1159,9 @@ class Collector:
             self._malformed[exc.reason] += 1
             return
         body = frames[6].buffer
-        stream = self._streams.get(stream_id)
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._streams[stream_id] = stream   # the most recently active last (see _forget)
         if stream is not None and seq != stream.accepted + 1:
             # Rule 2 (seq <= accepted: a resend of a batch taken already, written or held) or
             # rule 4 (a gap): not written; the ack says where the stream stands.
@@ -1209,6 +1224,24 @@ class Collector:
                 except zmq.ZMQError:        # the peer's queue is full: a later ack covers it
                     pass
             self._acks_due.clear()
+        if len(self._streams) > self.max_acked_streams:
+            self._forget()
+
+    def _forget(self):
+        # Past max_acked_streams: drop the least recently active streams that are settled
+        # (everything accepted is written, journaled and acked); a busy one is kept for later.
+        excess = len(self._streams) - self.max_acked_streams
+        for stream_id in list(itertools.islice(self._streams, 2 * excess)):
+            stream = self._streams[stream_id]
+            if stream.holds or stream.io_hold is not None or stream in self._moved \
+                    or stream in self._unjournaled \
+                    or not stream.accepted == stream.written == stream.journaled:
+                continue
+            del self._streams[stream_id]
+            self.acked_streams_forgotten_total += 1
+            excess -= 1
+            if not excess:
+                return
 
     def _update_streams(self):
         for stream in self._moved:

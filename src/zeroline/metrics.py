@@ -290,6 +290,9 @@ class CollectorMetrics:
         yield _gauge("zeroline_collector_receive_seconds",
                      "Seconds from the first to the last batch received",
                      round(last - first, 3) if first is not None and last is not None else 0)
+        yield _counter("zeroline_collector_overflow_lines_total",
+                       "Lines written to _overflow because --max-streams destinations exist",
+                       getattr(col, "overflow_total", 0))
         yield _counter("zeroline_collector_write_errors_total",
                        "Write error episodes (full disk, I/O error); each is retried",
                        col.write_errors_total)
@@ -308,6 +311,11 @@ class CollectorMetrics:
                            col.gap_batches_total)
             yield _counter("zeroline_collector_acks_sent_total", "Acks sent to forwarders",
                            col.acks_sent_total)
+            yield _gauge("zeroline_collector_acked_streams",
+                         "Acked streams whose de-duplication state is kept", len(col._streams))
+            yield _counter("zeroline_collector_acked_streams_forgotten_total",
+                           "Least recently active acked streams forgotten past the bound",
+                           col.acked_streams_forgotten_total)
         if hasattr(col, "curve_refused_total"):
             yield _counter("zeroline_collector_curve_refused_total",
                            "Connections refused by CURVE authentication",
