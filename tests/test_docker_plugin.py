@@ -499,6 +499,38 @@ def test_old_copies_are_cleaned_up_but_active_ones_kept(env):
     env.stop(path)
 
 
+def in_plugin_loop(env, fn):
+    """Run fn() on the plugin's event loop thread; its result."""
+    async def call():
+        return fn()
+    return asyncio.run_coroutine_threadsafe(call(), env.plugin.loop).result(TIMEOUT_S)
+
+
+def test_unused_sinks_close_and_their_empty_spools_go_but_a_spool_with_batches_stays(env):
+    from zeroline.transport.spool import Spool
+
+    spools = os.path.join(env.plugin.state_dir, "spool")
+    kept, empty = os.path.join(spools, "k" * 32), os.path.join(spools, "e" * 32)
+    with Spool(kept) as spool:                  # left by an earlier process, with one batch
+        spool.append(b"s", 1, b"t", b"s", b"\x00\x00\x00\x01x", 1)
+    with Spool(empty):
+        pass
+    path, info, _, _ = env.start(CID, opts(env.endpoint))
+    env.log(path, env.entry(b"x"))
+    assert len(env.collector.wait_for(1)) == 1
+    (own,) = set(os.listdir(spools)) - {"k" * 32, "e" * 32}
+    assert in_plugin_loop(env, env.plugin.plugin.close_idle_sinks) == 0    # still logging
+    env.stop(path)
+    for _ in range(TIMEOUT_S * 10):             # the instance is gone once its FIFO drained
+        if not env.plugin.plugin.instances:
+            break
+        time.sleep(0.1)
+    assert in_plugin_loop(env, env.plugin.plugin.close_idle_sinks) == 1
+    assert in_plugin_loop(env, env.plugin.plugin.clean_spools) == 2
+    assert os.listdir(spools) == ["k" * 32]
+    assert not os.path.exists(os.path.join(spools, own))
+
+
 def test_cache_disabled_means_no_copy_and_empty_read_logs(env):
     path, info, _, answer = env.start(CID, opts(env.endpoint, cache_disabled="true"))
     assert answer == {"Err": ""}

@@ -850,6 +850,53 @@ class Plugin:
                 handle.close()
 
     # -- housekeeping ------------------------------------------------------------------------
+    def close_idle_sinks(self):
+        """Close the sinks no container logs to any more and that have nothing left to send
+        (streams sent, spool empty). Returns how many were closed."""
+        used = {id(instance.sink) for instance in self.instances.values()}
+        closed = 0
+        for key, (sink, supervisor) in list(self.sinks.items()):
+            if id(sink) in used or supervisor.undelivered() != (0, 0) or not sink.idle():
+                continue
+            del self.sinks[key]
+            supervisor.close()
+            sink.close()
+            closed += 1
+        return closed
+
+    def clean_spools(self):
+        """Remove the default spools (STATE/spool/*) of sinks not open now that hold nothing.
+
+        One that still holds batches is kept and said: a container logging with the same
+        options again opens the same spool and sends them first."""
+        from .transport.spool import Spool, SpoolError
+
+        root = os.path.join(self.state_dir, SPOOL_DIR)
+        try:
+            names = os.listdir(root)
+        except OSError:
+            return 0
+        open_dirs = {os.path.abspath(sink.options.spool_dir) for sink, _ in self.sinks.values()
+                     if sink.options.spool_dir}
+        removed = 0
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.abspath(path) in open_dirs or not os.path.isdir(path):
+                continue
+            try:
+                with Spool(path) as spool:
+                    left = spool.unsent_count()
+            except (SpoolError, OSError) as exc:
+                _log("spool %s: %s; left as it is" % (path, exc))
+                continue
+            if left:
+                _log("spool %s holds %d batches of a sink no container uses now; a container "
+                     "logging with the same options sends them first" % (path, left))
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        return removed
+
     def clean_old_copies(self, now=None):
         """Remove local copies of containers not logged to for ``retention_s``."""
         now = time.time() if now is None else now
@@ -878,6 +925,8 @@ class Plugin:
             await supervisor.drain(sink.options.linger_s)
             supervisor.close()
             sink.close()
+        self.sinks.clear()
+        self.clean_spools()
 
 
 def discard_fifo(path):
@@ -1222,6 +1271,7 @@ async def serve(socket_path, state_dir, retention_s=DEFAULT_RETENTION_S, ready=N
         plugin.clean_old_copies()
         # Before listening: a StopLogging the daemon retries must find the instance.
         plugin.reattach()
+        plugin.clean_spools()
         runner = web.AppRunner(make_app(plugin), handle_signals=False, access_log=None)
         await runner.setup()
         site = web.SockSite(runner, sock)
@@ -1230,6 +1280,8 @@ async def serve(socket_path, state_dir, retention_s=DEFAULT_RETENTION_S, ready=N
 
         def hourly():
             plugin.clean_old_copies()
+            if plugin.close_idle_sinks():
+                plugin.clean_spools()
             handle[0] = loop.call_later(3600, hourly)
 
         handle = [loop.call_later(3600, hourly)]
