@@ -663,3 +663,31 @@ def test_at_close_a_write_that_keeps_failing_is_given_up_and_counted(running, so
     assert run.col.unwritten_bytes == len(lines)
     assert run.col.written(b"x") == 1               # the journal never claimed batch 2
     assert any("could not be written" in w for w in run.warnings), run.warnings
+
+
+def test_out_of_descriptors_in_a_background_sync_names_the_directory_and_retries(short_dir,
+                                                                                 monkeypatch):
+    # --fsync interval: a directory sync that cannot get a descriptor is reported with its path
+    # and stays due (it raised NameError before: the report named a variable out of scope).
+    warnings = []
+    col = Collector(out_dir=os.path.join(short_dir, "out"), fsync="interval",
+                    warn=warnings.append)
+    try:
+        directory = os.path.join(short_dir, "out", "t")
+        os.makedirs(directory)
+        col._unsynced_dirs.add(directory)
+        real_open = os.open
+
+        def no_descriptors(path, flags, *args):
+            if flags & os.O_DIRECTORY:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(collector_mod.os, "open", no_descriptors)
+        col._sync_background()
+        monkeypatch.setattr(collector_mod.os, "open", real_open)
+        assert warnings and directory in warnings[0] and "Too many open files" in warnings[0]
+        assert directory in col._unsynced_dirs
+        assert col.write_error is not None
+    finally:
+        col.close()

@@ -1276,20 +1276,21 @@ class Collector:
     def _sync_background(self):
         # --fsync interval: hand what was written since the last sync to the syncer thread.
         job = []
+        current = None                  # the owner being handled, named in an error
         try:
-            for handle in self._unsynced:
-                fd = handle.take_for_sync()
+            for current in self._unsynced:
+                fd = current.take_for_sync()
                 if fd is not None:
-                    job.append((fd, handle))
-            for directory in self._unsynced_dirs:
-                job.append((os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
-                            directory))
-            journal = self._journal
+                    job.append((fd, current))
+            for current in self._unsynced_dirs:
+                job.append((os.open(current, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
+                            current))
+            current = journal = self._journal
             if journal is not None and journal.dirty and journal._fd >= 0:
                 job.append((os.dup(journal._fd), journal))
                 journal.dirty = False
         except OSError as exc:         # out of descriptors: what is not in the job stays due
-            self._sync_failed(([owner for _, owner in job], path_of(owner), exc))
+            self._sync_failed(([owner for _, owner in job], path_of(current), exc))
             for fd, _ in job:
                 os.close(fd)
             return
