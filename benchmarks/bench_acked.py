@@ -397,7 +397,7 @@ def _sup_acked_loop(endpoint, rfds, go_fd, deadline):
     import uvloop
 
     from zeroline.config import ContainerInfo
-    from zeroline.supervisor import Supervisor
+    from zeroline.supervisor import Supervisor, grow_pipe
     from zeroline.transport import open_sink, validate_log_opts
 
     from .bench_supervisor import stream_id
@@ -410,6 +410,7 @@ def _sup_acked_loop(endpoint, rfds, go_fd, deadline):
         for i, fd in enumerate(rfds):
             stream = sink.stream(ContainerInfo(container_id=stream_id(i), env=env), "stdout")
             streams.append(stream)
+            grow_pipe(fd)       # as zeroline run grows its pipes (reads: the sink's size)
             sup.add(fd, stream, stream_id(i))
         c0 = cpu_s()
         t0 = time.monotonic()

@@ -401,7 +401,7 @@ def _run_loop(sock, rfds, make_streams, go_fd, deadline, zmq_fd):
 
     import uvloop
 
-    from zeroline.supervisor import Supervisor
+    from zeroline.supervisor import Supervisor, grow_pipe
 
     wakeups = [0]
 
@@ -419,6 +419,7 @@ def _run_loop(sock, rfds, make_streams, go_fd, deadline, zmq_fd):
         rss0 = vmrss_kb()
         streams = make_streams()
         for i, (fd, stream) in enumerate(zip(rfds, streams)):
+            grow_pipe(fd)       # as zeroline run grows its pipes (reads: the sink's size)
             sup.add(fd, stream, stream_id(i))
         rss1 = vmrss_kb()
         c0 = cpu_s()

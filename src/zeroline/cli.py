@@ -24,8 +24,6 @@ from .errors import ConfigError, TransportError, ZerolineError
 
 #: Bytes asked for in one read of `forward`'s input: one crossing into the compiled core per read.
 READ_BYTES = 1 << 20
-#: `run` reads CMD's pipes as the supervisor does (a pipe holds 64 KiB).
-READ_BYTES_RUN = 64 * 1024
 #: Where the embedded collector writes when no zmq-address is given.
 DEFAULT_OUT_DIR = "zeroline-logs"
 
@@ -487,7 +485,7 @@ def _progress_for(fd):
 
 
 async def _pipeline(sink, opts, args, sources, child=None, metrics=None, display=None):
-    """Copy ``sources`` (``(fd, stream, name, read_bytes)``) into ``sink`` until they end.
+    """Copy ``sources`` (``(fd, stream, name, read_bytes)``; read_bytes None: the sink's) into ``sink`` until they end.
 
     ``forward`` (no child): SIGINT/SIGTERM/SIGHUP stop reading; what was read is flushed and
     sent. ``run``: the listed signals go to CMD; once CMD exited, the pipes are read to their
@@ -712,12 +710,15 @@ def cmd_run(args):
             if embedded:
                 embedded.finish(0, 0)
             return 127 if isinstance(exc, FileNotFoundError) else 126
+        from .supervisor import grow_pipe
+
         sources = []
         for source, pipe in (("stdout", child.stdout), ("stderr", child.stderr)):
             fd = os.dup(pipe.fileno())
             pipe.close()
+            grow_pipe(fd)
             sources.append((fd, sink.stream(info, source),
-                            "%s/%s" % (info.short_id or "-", source), READ_BYTES_RUN))
+                            "%s/%s" % (info.short_id or "-", source), None))
         sup, outcome = uvloop.run(_pipeline(sink, opts, args, sources, child=child,
                                             metrics=metrics))
     except BaseException:

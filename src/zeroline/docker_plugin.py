@@ -39,7 +39,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import errno
-import fcntl
 import gzip
 import hashlib
 import json
@@ -58,7 +57,7 @@ from aiohttp import web
 from . import core
 from .config import ContainerInfo, parse_bool, parse_decimal_size, validate_log_opts
 from .errors import ConfigError, ProtocolError, TransportError, ZerolineError
-from .supervisor import READ_BYTES, Supervisor
+from .supervisor import READ_BYTES, Supervisor, grow_pipe
 from .transport import open_sink
 
 DEFAULT_SOCKET = "/run/docker/plugins/zeroline.sock"
@@ -84,7 +83,6 @@ RESYNC_WAIT_S = 0.2
 #: pause, see README "Docker logging plugin" for the figures with it.
 FIFO_PIPE_BYTES = 1 << 20
 FIFO_COALESCE_S = 0.002
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 #: Reattach records (one JSON file per logging instance) under the state directory.
 INSTANCES_DIR = "instances"
 #: Default spools of the sinks (one directory per sink) under the state directory.
@@ -329,11 +327,8 @@ class LoggingInstance:
     def start(self):
         # A pipe of FIFO_PIPE_BYTES holds more while the plugin restarts, and lets reads wait
         # for a batch (dockerd writes one entry per write()).
-        try:
-            fcntl.fcntl(self.fd, F_SETPIPE_SZ, FIFO_PIPE_BYTES)
-            read_bytes, coalesce_s = FIFO_PIPE_BYTES, FIFO_COALESCE_S
-        except OSError:
-            read_bytes, coalesce_s = READ_BYTES, 0.0
+        read_bytes = grow_pipe(self.fd, FIFO_PIPE_BYTES)
+        coalesce_s = FIFO_COALESCE_S if read_bytes > READ_BYTES else 0.0
         # Reading starts at once; the supervisor holds the sends until the sink has a peer.
         self.copier = self.supervisor.add(self.fd, self.stream, self.name,
                                           blocking=self.options.mode == "blocking",

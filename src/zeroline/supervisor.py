@@ -20,6 +20,7 @@ Backpressure follows Docker's modes (docs/docker-logging.md §3):
 
 import asyncio
 import collections
+import fcntl
 import os
 import sys
 import time
@@ -28,6 +29,21 @@ import zmq
 
 #: Bytes one copier reads per readiness event: one crossing into the core per read.
 READ_BYTES = 64 * 1024
+#: Pipe size zeroline asks for on the pipes it reads (`run`; the plugin its FIFOs): a writer
+#: blocks later, and a sink that wants big reads (acked: ``Sink.read_bytes``) gets them. 1 MiB is
+#: Linux's default pipe-max-size, so an unprivileged process gets it too (until the user's
+#: pipe-user-pages-soft is used up).
+PIPE_BYTES = 1 << 20
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def grow_pipe(fd, size=PIPE_BYTES):
+    """Ask for a pipe of ``size`` bytes on the pipe or FIFO ``fd``; returns what the kernel
+    granted, or READ_BYTES when it refused (not a pipe, a limit)."""
+    try:
+        return max(READ_BYTES, fcntl.fcntl(fd, F_SETPIPE_SZ, size))
+    except OSError:
+        return READ_BYTES
 #: While the sink refuses messages, retry at least this often (the zmq FD is edge-triggered).
 RETRY_S = 0.005
 #: The sink's timers (peer reports, ack time-outs, holding until a first subscriber).
@@ -215,7 +231,7 @@ class Supervisor:
 
     # -- copiers --------------------------------------------------------------------------------
     def add(self, fd, stream, name, blocking=True, on_feed=None, on_finish=None,
-            read_bytes=READ_BYTES, coalesce_s=0.0):
+            read_bytes=None, coalesce_s=0.0):
         """Start copying ``fd`` into ``stream``; returns the :class:`Copier`.
 
         ``on_feed(copier)`` runs after every read is fed (and after the final flush);
@@ -223,6 +239,8 @@ class Supervisor:
         a pipe, FIFO, socket or tty (watched by the loop) or a regular file (read in turns).
         ``coalesce_s``: after a read of under a quarter of ``read_bytes``, wait this long before
         the next (for inputs written in many small writes, into a pipe large enough to wait)."""
+        if read_bytes is None:
+            read_bytes = getattr(self.sink, "read_bytes", READ_BYTES)
         copier = Copier(self, fd, stream, name, blocking and not self._final, on_feed, on_finish,
                         read_bytes, coalesce_s)
         self.copiers.append(copier)

@@ -52,6 +52,9 @@ class AckedSink(Sink):
     kind = zmq.DEALER
     watch_always = True
     framing = "msgpack"
+    #: A read makes up to four batches of BATCH_MAX_BYTES (one message each): 100 streams from
+    #: 1 MiB pipes gave 3.6-3.8 M lines/s against 2.7 M with 64 KiB reads (benchmarks, sup_acked).
+    read_bytes = 1 << 20
 
     def __init__(self, options, context=None, report=None, spool=None):
         tune_allocator()        # 256 KiB batches from the heap, not fresh pages each: see there

@@ -133,6 +133,10 @@ class Sink:
     watch_always = False
     #: Framing forced by the transport (None: the zmq-framing option).
     framing = None
+    #: Bytes a copier reads per read for this sink (Supervisor.add's default): pub/push take one
+    #: message per line up to zmq-hwm (1000), so a read of about that many lines keeps every
+    #: stream's turn short; 1 MiB reads there cost the 100-stream row (sup) 40% of its rate.
+    read_bytes = 64 * 1024
 
     def __init__(self, options: ZmqOptions, context=None, report=None):
         self.options = options
