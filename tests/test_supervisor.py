@@ -252,3 +252,38 @@ def test_stop_reading_flushes_unterminated_text_and_closes_its_group(ctx, endpoi
     assert [r["line"] for r in records] == [b"complete", b"unterminated"]
     assert "partial" not in records[0]
     assert records[1]["partial"]["last"] is True and records[1]["partial"]["ordinal"] == 1
+
+
+def test_reads_are_sized_by_the_sink_and_run_grows_its_pipes(ctx, endpoint):
+    # The read size belongs to the sink (acked batches want 1 MiB reads, pub/push 64 KiB); the
+    # pipe size to whoever owns the pipe (supervisor.grow_pipe, as `zeroline run` does).
+    import fcntl
+
+    from zeroline.supervisor import PIPE_BYTES, grow_pipe
+    from zeroline.transport.acked import AckedSink
+    from zeroline.transport.sink import SocketSink
+
+    r, w = os.pipe()
+    try:
+        assert grow_pipe(r) == PIPE_BYTES
+        assert fcntl.fcntl(r, getattr(fcntl, "F_GETPIPE_SZ", 1032)) == PIPE_BYTES
+        with tempfile.TemporaryFile() as f:
+            assert grow_pipe(f.fileno()) == READ_BYTES      # not a pipe: refused, default size
+    finally:
+        os.close(w)
+    sock = push_socket(ctx, endpoint)
+
+    async def main():
+        sup = Supervisor(sock, asyncio.get_running_loop())
+        assert SocketSink.read_bytes == READ_BYTES and AckedSink.read_bytes == PIPE_BYTES
+        copier = sup.add(r, core.Stream("stdout"), "r")
+        assert copier.read_bytes == READ_BYTES
+        sup.sink.read_bytes = AckedSink.read_bytes          # what an acked sink asks for
+        r2, w2 = os.pipe()
+        os.close(w2)
+        assert sup.add(r2, core.Stream("stdout"), "r2").read_bytes == PIPE_BYTES
+        await sup.wait(timeout=5)
+        sup.close()
+
+    uvloop.run(main())
+    sock.close(0)
