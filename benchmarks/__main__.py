@@ -205,6 +205,7 @@ def parse_args(argv):
     p.add_argument("--no-save", action="store_true", help="do not append to results.jsonl")
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    args.rows_given = args.rows is not None     # --check then fails on a row that was skipped
     if args.rows is None:
         args.rows = ",".join(QUICK_ROWS if args.quick else ROWS)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -804,6 +805,12 @@ def verdict(sess, summary, targets, args):
     for (name, row), s in summary["rows"].items():
         if s["errors"]:
             failures.append("%s row %s: %s" % (name, row, s["errors"][0]))
+    if getattr(args, "rows_given", False):
+        # Rows asked for by name must run: a gate whose rows were skipped would pass on nothing.
+        for row, why in sess.skipped.items():
+            if row not in args.rows:
+                continue
+            failures.append("row %s was asked for and skipped: %s" % (row, why))
     if not args.quick and targets.get("enforce_in_full"):
         for (name, key), t in summary["targets"].items():
             if t["ok"] is False:

@@ -223,12 +223,20 @@ class LocalLog:
 #: One thread compresses rotated local copies, in order, off the event loop.
 _GZIP_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                    thread_name_prefix="zeroline-gzip")
-#: gzip level of rotated copies: 1, the fastest (Docker uses 6); 6 cost 2.5x the CPU here.
-GZIP_LEVEL = 1
+try:
+    # python-isal (Intel ISA-L's deflate): standard gzip files, 2.9 GB/s at level 1 on a copy
+    # of `yes` entries against 0.52 GB/s for zlib's level 1, with a better ratio (35.5 vs 33.9).
+    # zlib's level 1 was a quarter of the plugin's CPU (0.24 us of ~1.05 us per entry).
+    from isal import igzip as _gzip_out
+    #: gzip level of rotated copies (isal: 0-3; Docker's zlib level 6 cost 2.5x zlib's 1).
+    GZIP_LEVEL = 1
+except ImportError:             # a platform without an isal wheel: the standard library's
+    _gzip_out = gzip
+    GZIP_LEVEL = 1
 
 
 def _compress_rotated(path):
-    with open(path, "rb") as src, gzip.open(path + ".gz.tmp", "wb", GZIP_LEVEL) as dst:
+    with open(path, "rb") as src, _gzip_out.open(path + ".gz.tmp", "wb", GZIP_LEVEL) as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     os.rename(path + ".gz.tmp", path + ".gz")
     os.unlink(path)
