@@ -1,5 +1,6 @@
 """Tests of the disk spool: round trips, restarts, the lock, torn and corrupt records, full disk."""
 
+import errno
 import os
 import shutil
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -537,6 +539,47 @@ def test_random_operations_match_a_model(ops):
             spool.close()
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# -- durability off the caller's thread -----------------------------------------------------------
+
+def test_completed_segments_are_synced_at_once_on_the_sync_thread(tmp_path, monkeypatch):
+    from zeroline.transport import spool as spool_module
+
+    synced = []
+    real = os.fdatasync
+
+    def recording(fd):
+        synced.append(threading.current_thread().name)
+        return real(fd)
+
+    monkeypatch.setattr(spool_module.os, "fdatasync", recording)
+    with Spool(tmp_path / "s", segment_bytes=4096, sync_interval_s=3600) as spool:
+        append_n(spool, b"a", 200, size=200)        # about 10 segments, the interval never ends
+        spool._syncer.wait()
+        assert len(seg_files(tmp_path / "s")) >= 8
+        assert synced.count("zeroline-spool-sync") >= 7
+        assert "MainThread" not in synced
+    assert synced[-1] == "MainThread"               # close() syncs the rest in the call
+
+
+def test_a_failed_background_sync_is_raised_by_the_next_call(tmp_path, monkeypatch):
+    from zeroline.transport import spool as spool_module
+
+    spool = Spool(tmp_path / "s", segment_bytes=4096, sync_interval_s=3600)
+    try:
+        def failing(fd):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(spool_module.os, "fdatasync", failing)
+        with pytest.raises(SpoolError, match="cannot sync spool-dir .*Input/output error"):
+            for _ in range(100):
+                append_n(spool, b"a", 1, size=500)
+                if spool._syncer is not None:
+                    spool._syncer.wait()
+        monkeypatch.undo()
+    finally:
+        spool.close()
 
 
 # -- the spool behind a pub/push sink: memory first, disk for an outage ---------------------------

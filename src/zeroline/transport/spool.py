@@ -27,9 +27,10 @@ Layout of a spool directory ``PATH``:
 
 Durability: records and journal entries reach the page cache in the call that makes them, so a
 ``kill -9`` loses nothing that was appended or released. ``fdatasync`` (of the live segment, of
-segments rotated since, and of the journal) runs at most every ``sync_interval_s`` from within
-append/release (0: on every call), and on flush/close, so a power cut can lose at most the last
-interval. Torn or damaged records are detected by their checksums on the next open, counted in
+segments rotated since, and of the journal) starts at most every ``sync_interval_s`` from within
+append/release, on a background thread (0: on every call, in the call), and runs in the call on
+flush/close, so a power cut can lose at most the last interval or two (one sync running, the next
+waits for it). Torn or damaged records are detected by their checksums on the next open, counted in
 ``corrupt_total``/``corrupt_bytes_total`` and skipped (the scan resyncs on the next valid record);
 a torn tail of the last segment is truncated away so appends continue after the last good record.
 The journal is fdatasynced before any segment is deleted, so ``next_seq`` never goes back to a seq
@@ -54,8 +55,15 @@ import errno
 import fcntl
 import os
 import struct
+import threading
 import time
-import zlib
+
+try:
+    # The same CRC-32 as zlib.crc32 (the format's), from ISA-L: 12.7 GB/s against zlib's 3.7 on
+    # 256 KiB batches here; the spool write path checksums every byte it writes.
+    from isal.isal_zlib import crc32
+except ImportError:             # no isal wheel for this platform
+    from zlib import crc32
 
 from zeroline.errors import ZerolineError
 
@@ -114,12 +122,12 @@ class _Entry:
 def _encode_head(stream_id, seq, tenant, service, body, lines):
     ids_size = len(stream_id) + len(tenant) + len(service)
     record_len = _HEAD_SIZE + ids_size + len(body)
-    head = bytearray(_HEAD.pack(_MAGIC, 0, zlib.crc32(body), record_len, seq, lines,
+    head = bytearray(_HEAD.pack(_MAGIC, 0, crc32(body), record_len, seq, lines,
                                 len(stream_id), len(tenant), len(service)))
     head += stream_id
     head += tenant
     head += service
-    _CRC_U32.pack_into(head, 4, zlib.crc32(memoryview(head)[8:]))
+    _CRC_U32.pack_into(head, 4, crc32(memoryview(head)[8:]))
     return head
 
 
@@ -138,9 +146,9 @@ def _parse_at(view, pos, end):
     head_end = pos + _HEAD_SIZE + s_len + t_len + v_len
     if s_len == 0 or seq == 0 or head_end > pos + record_len or pos + record_len > end:
         return None
-    if zlib.crc32(view[pos + 8:head_end]) != head_crc:
+    if crc32(view[pos + 8:head_end]) != head_crc:
         return None
-    if zlib.crc32(view[head_end:pos + record_len]) != body_crc:
+    if crc32(view[head_end:pos + record_len]) != body_crc:
         return None
     return record_len, head_end - pos, seq, lines, s_len, t_len, v_len
 
@@ -154,7 +162,7 @@ def _check_stream_seq(stream_id, seq):
 
 def _encode_journal(stream_id, seq):
     rest = bytes((len(stream_id),)) + stream_id + _SEQ.pack(seq)
-    return _CRC_U32.pack(zlib.crc32(rest)) + rest
+    return _CRC_U32.pack(crc32(rest)) + rest
 
 
 def _fsync_dir(path):
@@ -163,6 +171,67 @@ def _fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Syncer:
+    """A thread that fdatasyncs what the spool hands it (descriptors it then owns and closes),
+    so appends go on while the disk writes: 2 M lines of 100 bytes spent 0.5 s of a 1.1 s
+    `forward` to the spool waiting in fdatasync on the caller's thread."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._job = None
+        self._busy = False
+        self._stop = False
+        self.error = None               # the first OSError of a job, taken by the spool
+        self._thread = threading.Thread(target=self._run, name="zeroline-spool-sync",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self):
+        return self._busy
+
+    def submit(self, job):
+        """job: ``[(fd, is_dir), ...]``; the caller checked ``busy`` is False."""
+        with self._cond:
+            self._job = job
+            self._busy = True
+            self._cond.notify_all()
+
+    def wait(self):
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+
+    def stop(self):
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while self._job is None and not self._stop:
+                    self._cond.wait()
+                if self._job is None:
+                    return
+                job, self._job = self._job, None
+            error = None
+            for fd, is_dir in job:
+                try:
+                    if error is None:
+                        (os.fsync if is_dir else os.fdatasync)(fd)
+                except OSError as exc:
+                    error = exc
+                finally:
+                    os.close(fd)
+            with self._cond:
+                if error is not None and self.error is None:
+                    self.error = error
+                self._busy = False
+                self._cond.notify_all()
 
 
 class Spool:
@@ -215,6 +284,7 @@ class Spool:
         self._journal_dirty = False
         self._dir_dirty = False
         self._last_sync = time.monotonic()
+        self._syncer = None        # the background fdatasync thread, started on first use
         self._closed = False
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
@@ -474,7 +544,7 @@ class Spool:
             if end - pos >= _JOURNAL_HEAD.size:
                 crc, s_len = _JOURNAL_HEAD.unpack_from(data, pos)
                 entry_end = pos + _JOURNAL_HEAD.size + s_len + 8
-                if s_len and entry_end <= end and zlib.crc32(view[pos + 4:entry_end]) == crc:
+                if s_len and entry_end <= end and crc32(view[pos + 4:entry_end]) == crc:
                     stream_id = data[pos + 5:pos + 5 + s_len]
                     (seq,) = _SEQ.unpack_from(data, entry_end - 8)
                     if seq > released.get(stream_id, 0):
@@ -491,7 +561,7 @@ class Spool:
                         crc, s_len = _JOURNAL_HEAD.unpack_from(data, pos)
                         entry_end = pos + _JOURNAL_HEAD.size + s_len + 8
                         crc_ok = (s_len and entry_end <= end
-                                  and zlib.crc32(view[pos + 4:entry_end]) == crc)
+                                  and crc32(view[pos + 4:entry_end]) == crc)
                     if crc_ok:
                         break
                     pos += 1
@@ -634,10 +704,10 @@ class Spool:
         return segment
 
     def _retire_live(self):
-        # The segment is complete. Its fdatasync waits for the next periodic sync like the live
-        # segment's: syncing here cost 14 ms every 8 MiB, two thirds of the append time with
-        # 256 KiB bodies. A power cut can then tear a retired segment's tail too; the scan on
-        # open skips that like any corrupt record.
+        # The segment is complete. Its fdatasync runs on the syncer thread (see _maybe_sync):
+        # syncing here cost 14 ms every 8 MiB, two thirds of the append time with 256 KiB
+        # bodies. A power cut can then tear a retired segment's tail too; the scan on open
+        # skips that like any corrupt record.
         if self._live_dirty:
             self._retired_fds[self._live_segment] = self._live_fd
             self._live_dirty = False
@@ -740,10 +810,57 @@ class Spool:
 
     def _maybe_sync(self):
         interval = self.sync_interval_s
-        if interval <= 0 or time.monotonic() - self._last_sync >= interval:
+        if interval <= 0:
             self._sync()
+        elif self._retired_fds or time.monotonic() - self._last_sync >= interval:
+            # A completed segment is synced at once (in the background): the disk writes it
+            # while appends go on, and close() is left with the last segment only. Waiting for
+            # the interval left 45 segments of a 2 M-line run to close(): 0.5 s of its 1.1 s.
+            self._sync_background()
+
+    def _sync_background(self):
+        # What _sync does, on the syncer thread: the descriptors are handed over (retired
+        # segments) or duplicated (live segment, journal), the dirty flags cleared now. A sync
+        # still running means the disk is behind: this one waits for the next call.
+        syncer = self._syncer
+        if syncer is not None:
+            self._take_sync_error()
+            if syncer.busy:
+                return
+        job = []
+        try:
+            if self._live_dirty:
+                job.append((os.dup(self._live_fd), False))
+            if self._dir_dirty:
+                job.append((os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
+                            True))
+            if self._journal_dirty:
+                job.append((os.dup(self._journal_fd), False))
+        except OSError:                 # out of descriptors: sync here instead
+            for fd, _ in job:
+                os.close(fd)
+            self._sync()
+            return
+        retired = self._retired_fds
+        while retired:
+            job.append((retired.popitem()[1], False))
+        self._live_dirty = self._dir_dirty = self._journal_dirty = False
+        self._last_sync = time.monotonic()
+        if job:
+            if syncer is None:
+                syncer = self._syncer = _Syncer()
+            syncer.submit(job)
+
+    def _take_sync_error(self):
+        error, self._syncer.error = self._syncer.error, None
+        if error is not None:
+            # EIO and the like: the kernel may have dropped the dirty pages, nothing to retry.
+            raise SpoolError("cannot sync spool-dir %s: %s" % (self.path, error.strerror))
 
     def _sync(self):
+        if self._syncer is not None:
+            self._syncer.wait()
+            self._take_sync_error()
         try:
             retired = self._retired_fds
             while retired:
@@ -791,7 +908,7 @@ class Spool:
         magic, head_crc, body_crc, record_len, seq, lines, s_len, t_len, v_len = \
             _HEAD.unpack_from(head)
         if (magic != _MAGIC or record_len != entry.size or seq != entry.seq
-                or zlib.crc32(memoryview(head)[8:]) != head_crc or zlib.crc32(body) != body_crc):
+                or crc32(memoryview(head)[8:]) != head_crc or crc32(body) != body_crc):
             return None
         tenant_at = _HEAD_SIZE + s_len
         service_at = tenant_at + t_len
@@ -799,6 +916,10 @@ class Spool:
                            head[service_at:service_at + v_len], body, lines)
 
     def _close_fds(self):
+        if self._syncer is not None:
+            self._syncer.wait()
+            self._syncer.stop()
+            self._syncer = None
         for fd in self._read_fds.values():
             os.close(fd)
         self._read_fds.clear()
