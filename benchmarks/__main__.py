@@ -203,9 +203,11 @@ def parse_args(argv):
     p.add_argument("--cli-stdin", choices=("file", "pipe"), default="file",
                    help="how the CLI gets its input: '< file' (default) or a pipe")
     p.add_argument("--no-save", action="store_true", help="do not append to results.jsonl")
+    p.add_argument("--require-rows", action="store_true",
+                   help="with --check, fail when a row of --rows is skipped (no engine, no "
+                   "protobuf): a gate must not pass on rows that never ran")
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    args.rows_given = args.rows is not None     # --check then fails on a row that was skipped
     if args.rows is None:
         args.rows = ",".join(QUICK_ROWS if args.quick else ROWS)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -805,8 +807,8 @@ def verdict(sess, summary, targets, args):
     for (name, row), s in summary["rows"].items():
         if s["errors"]:
             failures.append("%s row %s: %s" % (name, row, s["errors"][0]))
-    if getattr(args, "rows_given", False):
-        # Rows asked for by name must run: a gate whose rows were skipped would pass on nothing.
+    if getattr(args, "require_rows", False):
+        # A gate whose rows were skipped would pass on nothing.
         for row, why in sess.skipped.items():
             if row not in args.rows:
                 continue

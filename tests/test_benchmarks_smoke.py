@@ -496,6 +496,19 @@ def test_plugin_rows_are_skipped_without_protobuf(monkeypatch, capsys):
     assert skipped == ["plugin", "plug", "dec", "dec_pb"]    # the note, then each row
 
 
+def test_require_rows_fails_the_check_when_an_asked_for_row_is_skipped(monkeypatch, capsys):
+    # What .ci/run's engine gate relies on: no engine (here: no protobuf) must not pass on nothing.
+    if "cython" not in IMPLS:
+        pytest.skip("the harness needs the compiled core")
+    monkeypatch.setattr(bench_plugin, "compile_proto",
+                        lambda out_dir: (None, "grpc_tools not installed (test)"))
+    status = bench_main.main(["--quick", "--check", "--require-rows", "--reps", "1", "--rows",
+                              "dec,dec_pb", "--workloads", "W1", "--lines", "2000", "--no-save"])
+    out = capsys.readouterr().out
+    assert status == 1, out[-2000:]
+    assert "row dec was asked for and skipped: grpc_tools not installed (test)" in out
+
+
 def test_plugin_rows_run_from_the_command_line(capsys):
     if "cython" not in IMPLS:
         pytest.skip("the rows' receivers use the compiled core")
