@@ -547,20 +547,24 @@ def test_completed_segments_are_synced_at_once_on_the_sync_thread(tmp_path, monk
     from zeroline.transport import spool as spool_module
 
     synced = []
-    real = os.fdatasync
 
-    def recording(fd):
-        synced.append(threading.current_thread().name)
-        return real(fd)
+    def recording(real):
+        def call(fd):
+            synced.append(threading.current_thread().name)
+            return real(fd)
+        return call
 
-    monkeypatch.setattr(spool_module.os, "fdatasync", recording)
+    monkeypatch.setattr(spool_module.os, "fsync", recording(os.fsync))
+    monkeypatch.setattr(spool_module.os, "fdatasync", recording(os.fdatasync))
     with Spool(tmp_path / "s", segment_bytes=4096, sync_interval_s=3600) as spool:
+        del synced[:]                               # opening syncs what it compacts
         append_n(spool, b"a", 200, size=200)        # about 10 segments, the interval never ends
-        spool._syncer.wait()
+        spool._syncer.result(wait=True)
         assert len(seg_files(tmp_path / "s")) >= 8
-        assert synced.count("zeroline-spool-sync") >= 7
+        assert "zeroline-spool-sync" in synced      # completed segments, while appends went on
         assert "MainThread" not in synced
-    assert synced[-1] == "MainThread"               # close() syncs the rest in the call
+        syncer_thread = spool._syncer._thread
+    assert not syncer_thread.is_alive()             # close() waited for it and stopped it
 
 
 def test_a_failed_background_sync_is_raised_by_the_next_call(tmp_path, monkeypatch):
@@ -571,14 +575,15 @@ def test_a_failed_background_sync_is_raised_by_the_next_call(tmp_path, monkeypat
         def failing(fd):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-        monkeypatch.setattr(spool_module.os, "fdatasync", failing)
-        with pytest.raises(SpoolError, match="cannot sync spool-dir .*Input/output error"):
+        monkeypatch.setattr(spool_module.os, "fsync", failing)
+        with pytest.raises(SpoolError, match=r"cannot sync spool-dir .*: Input/output error"):
             for _ in range(100):
                 append_n(spool, b"a", 1, size=500)
                 if spool._syncer is not None:
-                    spool._syncer.wait()
-        monkeypatch.undo()
+                    while spool._syncer.busy:
+                        threading.Event().wait(0.01)
     finally:
+        monkeypatch.undo()
         spool.close()
 
 

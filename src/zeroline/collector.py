@@ -27,6 +27,7 @@ from ._core_py import (
 )
 from .errors import ConfigError, ProtocolError, TransportError
 from .transport.sink import exposed_tcp_host
+from .transport.spool import BackgroundSync
 
 #: bytes.count(b"\n") goes byte by byte: 12% of the acked path's time on 100-byte lines.
 _count_newlines = getattr(core._impl, "count_newlines", None) or (lambda data: data.count(b"\n"))
@@ -710,82 +711,6 @@ class AckJournal:
         self._fd = self._lock = -1
 
 
-class _BackgroundSync:
-    """The fsyncs of ``--fsync interval``, on their own thread.
-
-    Acknowledgements under ``interval`` never wait for an fsync, so nothing needs them on the
-    receive thread, where they held it for the disk's time (~0.25 s of every 2 M lines of 100
-    bytes, a third of the collector's time). The receive thread hands over duplicated
-    descriptors (:meth:`LogFile.take_for_sync`, an opened directory, the journal's), one job at a
-    time; a failure comes back through :meth:`result` and the job's owners are marked dirty again.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._job = None            # [(fd, owner)] handed over, not started
-        self._running = None        # the job being synced
-        self._error = None          # (owners of the failed job, path, OSError)
-        self._closed = False
-        self._thread = None
-
-    @property
-    def busy(self):
-        return self._job is not None or self._running is not None
-
-    def submit(self, job):
-        with self._cond:
-            self._job = job
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._main, name="zeroline-fsync",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
-
-    def result(self, wait=False):
-        """``(owners, path, OSError)`` of a failed job, once (None: none failed); with ``wait``,
-        after the job in hand is done."""
-        with self._cond:
-            while wait and self.busy:
-                self._cond.wait()
-            error, self._error = self._error, None
-            return error
-
-    def _main(self):
-        while True:
-            with self._cond:
-                while self._job is None and not self._closed:
-                    self._cond.wait()
-                if self._job is None:
-                    return
-                job = self._running = self._job
-                self._job = None
-            error = None
-            for fd, owner in job:
-                try:
-                    os.fsync(fd)
-                except OSError as exc:
-                    if error is None:
-                        error = (path_of(owner), exc)
-                finally:
-                    os.close(fd)
-            with self._cond:
-                self._running = None
-                if error is not None:
-                    self._error = ([owner for _, owner in job],) + error
-                self._cond.notify_all()
-
-    def close(self):
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        for fd, _ in self._job or ():      # never started (only when the thread could not)
-            os.close(fd)
-        self._job = None
-
-
 def path_of(owner):
     # A sync job's owner: a LogFile, the AckJournal or a directory path.
     return owner if isinstance(owner, str) else owner.path
@@ -914,7 +839,10 @@ class Collector:
         self._unsynced = set()          # LogFiles written since the last fsync
         self._unsynced_dirs = set()     # directories that got a new file since then
         self._synced_at = time.monotonic()
-        self._syncer = _BackgroundSync() if fsync == "interval" else None
+        # --fsync interval: the fsyncs on their own thread. Acknowledgements under interval never
+        # wait for one, so nothing needs them on the receive thread, where they held it for the
+        # disk's time (~0.25 s of every 2 M lines of 100 bytes, a third of the collector's time).
+        self._syncer = BackgroundSync("zeroline-fsync") if fsync == "interval" else None
         # Write errors: rendered bytes not written yet, in order, as (tenant, service, bytes).
         self._pending = collections.deque()
         self._retry_at = 0.0
@@ -1213,6 +1141,9 @@ class Collector:
                 self._sync_background()
         if self._journal is None or not self._record(self.fsync == "batch" or final):
             return                  # the entries wait in the journal's tail; acks wait too
+        if len(self._streams) > self.max_acked_streams:
+            # Before the acks: a peer that sees an ack sees the table as it is after the round.
+            self._forget()
         if self._acks_due:
             for (sock, routing_id, stream_id), stream in self._acks_due.items():
                 if sock.closed:
@@ -1224,8 +1155,6 @@ class Collector:
                 except zmq.ZMQError:        # the peer's queue is full: a later ack covers it
                     pass
             self._acks_due.clear()
-        if len(self._streams) > self.max_acked_streams:
-            self._forget()
 
     def _forget(self):
         # Past max_acked_streams: drop the least recently active streams that are settled
@@ -1290,7 +1219,7 @@ class Collector:
                 job.append((os.dup(journal._fd), journal))
                 journal.dirty = False
         except OSError as exc:         # out of descriptors: what is not in the job stays due
-            self._sync_failed(([owner for _, owner in job], path_of(current), exc))
+            self._sync_failed(([owner for _, owner in job], current, exc))
             for fd, _ in job:
                 os.close(fd)
             return
@@ -1304,7 +1233,8 @@ class Collector:
         # A failed background sync: its files are synced again next time, and it is reported.
         if error is None:
             return
-        owners, path, exc = error
+        owners, failed, exc = error
+        path = path_of(failed)
         for owner in owners:
             if isinstance(owner, str):
                 self._unsynced_dirs.add(owner)
