@@ -482,14 +482,19 @@ def test_plugin_gates(plug_rate, dec_pb_rate, fails, capsys):
     assert bench_main.verdict(sess, summary, targets, args) == (1 if fails else 0)
 
 
-def test_plugin_rows_are_skipped_without_protobuf(monkeypatch, capsys):
+def _check_without_protobuf(monkeypatch, capsys, *options):
+    """``--quick --check`` on the plugin rows with protobuf missing: (status, output)."""
     if "cython" not in IMPLS:
         pytest.skip("the harness needs the compiled core")
     monkeypatch.setattr(bench_plugin, "compile_proto",
                         lambda out_dir: (None, "grpc_tools not installed (test)"))
-    status = bench_main.main(["--quick", "--check", "--reps", "1", "--rows", "plug,dec,dec_pb",
-                              "--workloads", "W1", "--lines", "2000", "--no-save"])
-    out = capsys.readouterr().out
+    status = bench_main.main(["--quick", "--check", *options, "--reps", "1", "--workloads", "W1",
+                              "--lines", "2000", "--no-save"])
+    return status, capsys.readouterr().out
+
+
+def test_plugin_rows_are_skipped_without_protobuf(monkeypatch, capsys):
+    status, out = _check_without_protobuf(monkeypatch, capsys, "--rows", "plug,dec,dec_pb")
     assert status == 0, out[-2000:]
     skipped = [line.split()[0] for line in out.splitlines()
                if line.endswith("skipped: grpc_tools not installed (test)")]
@@ -498,13 +503,8 @@ def test_plugin_rows_are_skipped_without_protobuf(monkeypatch, capsys):
 
 def test_require_rows_fails_the_check_when_an_asked_for_row_is_skipped(monkeypatch, capsys):
     # What .ci/run's engine gate relies on: no engine (here: no protobuf) must not pass on nothing.
-    if "cython" not in IMPLS:
-        pytest.skip("the harness needs the compiled core")
-    monkeypatch.setattr(bench_plugin, "compile_proto",
-                        lambda out_dir: (None, "grpc_tools not installed (test)"))
-    status = bench_main.main(["--quick", "--check", "--require-rows", "--reps", "1", "--rows",
-                              "dec,dec_pb", "--workloads", "W1", "--lines", "2000", "--no-save"])
-    out = capsys.readouterr().out
+    status, out = _check_without_protobuf(monkeypatch, capsys, "--require-rows", "--rows",
+                                          "dec,dec_pb")
     assert status == 1, out[-2000:]
     assert "row dec was asked for and skipped: grpc_tools not installed (test)" in out
 
