@@ -2,7 +2,10 @@
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 import zmq
@@ -135,3 +138,38 @@ def docker_engine():
         if not was_up and os.environ.get("ZL_ENGINE_KEEP") != "1":
             subprocess.run(["bash", ENGINE_SCRIPT, "stop"], stdout=subprocess.DEVNULL, timeout=120,
                            check=False)
+
+
+#: A hang guard for the `zeroline collect` processes the tests start, not a speed check.
+COLLECT_TIMEOUT_S = 60
+
+
+def start_collect(directory, binds, *args):
+    """`zeroline collect` with one ipc:// endpoint in ``directory`` per ``(option, name)`` of
+    ``binds`` (``("--bind", "pull")``: ``--bind ipc://DIR/pull.ipc``), then ``args``.
+
+    Returns ``(process, endpoint, ...)`` once every endpoint is bound, or the process exited.
+    """
+    endpoints = ["ipc://%s/%s.ipc" % (directory, name) for _, name in binds]
+    argv = [sys.executable, "-m", "zeroline", "collect"]
+    for (option, _), endpoint in zip(binds, endpoints):
+        argv += [option, endpoint]
+    proc = subprocess.Popen(argv + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(COLLECT_TIMEOUT_S * 100):
+        if all(os.path.exists(e[len("ipc://"):]) for e in endpoints) or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    return (proc, *endpoints)
+
+
+def finish(proc, sig=None):
+    """Send ``sig`` (if any) to a zeroline process and wait for it: (stdout, stderr), which must
+    hold no traceback."""
+    if sig is not None:
+        proc.send_signal(sig)
+    try:
+        out, err = proc.communicate(timeout=COLLECT_TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert b"Traceback" not in err, err
+    return out, err

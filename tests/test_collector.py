@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import msgpack
 import pytest
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 from zeroline import _core_py, collector as collector_mod
 from zeroline.collector import Collector, LogFile, safe_path_part
 
-from conftest import available_implementations
+from conftest import available_implementations, finish, start_collect
 
 TIMEOUT_S = 60
 ROUNDS = 300            # receive rounds of at most 100 ms: a bound, never asserted as a duration
@@ -462,27 +461,7 @@ def zeroline(*args, env=None, input=None):
                           capture_output=True, timeout=TIMEOUT_S)
 
 
-def start_collect(short_dir, *args):
-    """`zeroline collect --bind ipc://DIR/pull.ipc --bind-sub ipc://DIR/sub.ipc ARGS`, bound."""
-    pull = "ipc://%s/pull.ipc" % short_dir
-    sub = "ipc://%s/sub.ipc" % short_dir
-    proc = subprocess.Popen([sys.executable, "-m", "zeroline", "collect", "--bind", pull,
-                             "--bind-sub", sub, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    for _ in range(TIMEOUT_S * 100):
-        if os.path.exists(pull[6:]) and os.path.exists(sub[6:]) or proc.poll() is not None:
-            break
-        time.sleep(0.01)
-    return proc, pull, sub
-
-
-def finish(proc):
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    finally:
-        proc.kill()
-    assert b"Traceback" not in err, err
-    return out, err
+PULL_SUB = (("--bind", "pull"), ("--bind-sub", "sub"))     # start_collect's endpoints here
 
 
 def env_with(**values):
@@ -493,7 +472,7 @@ def env_with(**values):
 
 def test_collect_takes_push_and_pub_forwarders_of_both_framings_at_once(short_dir):
     out = os.path.join(short_dir, "out")
-    proc, pull, sub = start_collect(short_dir, "--out", out, "--count", "5", "--stats")
+    proc, pull, sub = start_collect(short_dir, PULL_SUB, "--out", out, "--count", "5", "--stats")
     try:
         fwd = zeroline("forward", "--log-opt", "zmq-address=" + pull, "--log-opt",
                        "zmq-socket=push", "--container-id", "0123456789abcdef",
@@ -517,7 +496,7 @@ def test_collect_joins_the_chunks_of_a_long_line(short_dir):
     out = os.path.join(short_dir, "out")
     long_line = bytes(range(33, 127)) * 3
     # 282 bytes in 16-byte chunks: 17 full ones and a last one of 10; then "end".
-    proc, pull, _ = start_collect(short_dir, "--out", out, "--count", "19")
+    proc, pull, _ = start_collect(short_dir, PULL_SUB, "--out", out, "--count", "19")
     try:
         fwd = zeroline("forward", "--log-opt", "zmq-address=" + pull, "--log-opt",
                        "zmq-socket=push", "--log-opt", "zmq-framing=msgpack", "--log-opt",
@@ -533,7 +512,7 @@ def test_collect_joins_the_chunks_of_a_long_line(short_dir):
 def test_collect_rotates_by_size_with_exact_contents(short_dir):
     out = os.path.join(short_dir, "out")
     lines = [b"line %02d %s" % (i, b"#" * (i % 9)) for i in range(30)]
-    proc, pull, _ = start_collect(short_dir, "--out", out, "--count", "30", "--max-size", "0.1k",
+    proc, pull, _ = start_collect(short_dir, PULL_SUB, "--out", out, "--count", "30", "--max-size", "0.1k",
                                   "--max-files", "3")
     try:
         fwd = zeroline("forward", "--log-opt", "zmq-address=" + pull, "--log-opt",
@@ -559,7 +538,7 @@ def test_collect_keeps_tenant_and_service_inside_out(short_dir, sockets):
     out = os.path.join(box, "out")
     names = [(b"../x", b"s"), (b"a/b", b"../../evil"), (b"..", b".."), (b"\0", b"s\0t"),
              (b"/abs", b"."), (b"ok", b"/etc/passwd")]
-    proc, pull, _ = start_collect(short_dir, "--out", out, "--count", str(len(names)))
+    proc, pull, _ = start_collect(short_dir, PULL_SUB, "--out", out, "--count", str(len(names)))
     try:
         push = sockets.make(zmq.PUSH)
         push.connect(pull)
@@ -584,7 +563,7 @@ def test_collect_keeps_tenant_and_service_inside_out(short_dir, sockets):
 
 def test_collect_counts_malformed_input_and_keeps_going(short_dir, sockets):
     out = os.path.join(short_dir, "out")
-    proc, pull, _ = start_collect(short_dir, "--out", out, "--count", "4", "--stats")
+    proc, pull, _ = start_collect(short_dir, PULL_SUB, "--out", out, "--count", "4", "--stats")
     try:
         push = sockets.make(zmq.PUSH)
         push.connect(pull)
@@ -605,7 +584,7 @@ def test_collect_counts_malformed_input_and_keeps_going(short_dir, sockets):
 
 
 def test_collect_json_to_stdout_carries_every_field(short_dir):
-    proc, pull, _ = start_collect(short_dir, "--stdout", "--format", "json", "--count", "2")
+    proc, pull, _ = start_collect(short_dir, PULL_SUB, "--stdout", "--format", "json", "--count", "2")
     try:
         fwd = zeroline("forward", "--log-opt", "zmq-address=" + pull, "--log-opt",
                        "zmq-socket=push", "--log-opt", "zmq-framing=msgpack", "--log-opt",
@@ -630,7 +609,7 @@ def test_collect_json_to_stdout_carries_every_field(short_dir):
 
 def test_collect_prints_interval_stats_and_flushes_held_chunks_on_sigterm(short_dir, sockets):
     out = os.path.join(short_dir, "out")
-    proc, pull, _ = start_collect(short_dir, "--out", out, "--stats-interval", "0.05", "--stats")
+    proc, pull, _ = start_collect(short_dir, PULL_SUB, "--out", out, "--stats-interval", "0.05", "--stats")
     try:
         push = sockets.make(zmq.PUSH)
         push.connect(pull)
@@ -654,7 +633,7 @@ def test_collect_prints_interval_stats_and_flushes_held_chunks_on_sigterm(short_
 
 
 def test_collect_sigint_exits_130(short_dir):
-    proc, _, _ = start_collect(short_dir, "--stdout")
+    proc, _, _ = start_collect(short_dir, PULL_SUB, "--stdout")
     proc.send_signal(signal.SIGINT)
     finish(proc)
     assert proc.returncode == 130

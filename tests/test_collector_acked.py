@@ -22,6 +22,8 @@ import zmq
 from zeroline import collector as collector_mod
 from zeroline.collector import Collector, load_journal
 
+from conftest import finish, start_collect
+
 TIMEOUT_S = 60
 POLL_ROUNDS = TIMEOUT_S * 10     # 100 ms polls: a bound on every wait, never asserted as a duration
 
@@ -497,26 +499,7 @@ def test_a_failing_write_is_held_retried_and_continued_where_it_stopped(running,
 # ---------------------------------------------------------------------------------------------
 # zeroline collect, as a user runs it
 
-def start_collect(directory, *args):
-    acked = "ipc://%s/acked.ipc" % directory
-    pull = "ipc://%s/pull.ipc" % directory
-    proc = subprocess.Popen([sys.executable, "-m", "zeroline", "collect", "--bind-acked", acked,
-                             "--bind", pull, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    for _ in range(TIMEOUT_S * 100):
-        if os.path.exists(acked[6:]) and os.path.exists(pull[6:]) or proc.poll() is not None:
-            break
-        time.sleep(0.01)
-    return proc, acked, pull
-
-
-def finish(proc):
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    finally:
-        proc.kill()
-    assert b"Traceback" not in err, err
-    return out, err
+ACKED_PULL = (("--bind-acked", "acked"), ("--bind", "pull"))     # start_collect's endpoints here
 
 
 @pytest.mark.parametrize("args, says", [
@@ -533,7 +516,7 @@ def test_collect_acked_usage_errors(short_dir, args, says):
 
 def test_collect_sigterm_writes_what_it_received_and_exits_0(short_dir, sockets):
     out = os.path.join(short_dir, "out")
-    proc, acked, pull = start_collect(short_dir, "--out", out, "--stats", "--fsync", "batch")
+    proc, acked, pull = start_collect(short_dir, ACKED_PULL, "--out", out, "--stats", "--fsync", "batch")
     try:
         dealer = dealer_for(sockets, acked)
         sent = [lines_batch(b"z", seq, count=50) for seq in range(1, 101)]
@@ -570,7 +553,7 @@ def test_collect_sigkill_and_restart_loses_nothing_acked_and_writes_nothing_twic
                                                                                 sockets):
     out = os.path.join(short_dir, "out")
     sent = [lines_batch(b"k", seq, count=20) for seq in range(1, 61)]
-    proc, acked, _ = start_collect(short_dir, "--out", out, "--fsync", "interval")
+    proc, acked, _ = start_collect(short_dir, ACKED_PULL, "--out", out, "--fsync", "interval")
     try:
         dealer = dealer_for(sockets, acked)
         for frames, _ in sent[:30]:
@@ -580,7 +563,7 @@ def test_collect_sigkill_and_restart_loses_nothing_acked_and_writes_nothing_twic
         proc.wait(TIMEOUT_S)
     finally:
         proc.kill()
-    proc, acked, _ = start_collect(short_dir, "--out", out)
+    proc, acked, _ = start_collect(short_dir, ACKED_PULL, "--out", out)
     try:
         dealer = dealer_for(sockets, acked)
         for frames, _ in sent:                  # the forwarder resends from its oldest unacked
@@ -611,7 +594,7 @@ def small_tmpfs(short_dir):
 def test_collect_on_a_full_disk_reports_the_path_holds_and_resumes(short_dir, small_tmpfs,
                                                                    sockets):
     out = small_tmpfs
-    proc, acked, _ = start_collect(short_dir, "--out", out, "--fsync", "batch")
+    proc, acked, _ = start_collect(short_dir, ACKED_PULL, "--out", out, "--fsync", "batch")
     log = os.path.join(out, "t", "s.log")
     stderr = b""
     try:

@@ -30,6 +30,8 @@ from zeroline.metrics import (
     summary_line,
 )
 
+from conftest import finish
+
 TIMEOUT_S = 30
 SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (\S+)$')
 
@@ -97,17 +99,6 @@ def scrape_until(address, name, want):
             return got
         time.sleep(0.05)
     raise AssertionError("%s stayed at %s, expected %s" % (name, last, want))
-
-
-def finish(proc, sig=None):
-    if sig is not None:
-        proc.send_signal(sig)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    finally:
-        proc.kill()
-    assert b"Traceback" not in err, err
-    return out, err
 
 
 def wait_for_path(path, proc):
