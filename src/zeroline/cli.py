@@ -485,7 +485,8 @@ def _progress_for(fd):
 
 
 async def _pipeline(sink, opts, args, sources, child=None, metrics=None, display=None):
-    """Copy ``sources`` (``(fd, stream, name, read_bytes)``; read_bytes None: the sink's) into ``sink`` until they end.
+    """Copy ``sources`` (``(fd, stream, name, read_bytes)``, read_bytes None for the sink's
+    size) into ``sink`` until they end.
 
     ``forward`` (no child): SIGINT/SIGTERM/SIGHUP stop reading; what was read is flushed and
     sent. ``run``: the listed signals go to CMD; once CMD exited, the pipes are read to their

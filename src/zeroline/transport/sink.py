@@ -582,12 +582,17 @@ class ZmqSink(Sink):
 
     def settle(self):
         """At the end: what waits in memory goes to the spool (a later process sends it)."""
-        if self.spool is None:
-            return
-        for stream in list(self._in_memory):
-            if not self._spool_stream(stream):
-                break
-            del self._in_memory[stream]
+        if self.spool is not None:
+            self._spool_in_memory(time.monotonic())
+
+    def _spool_in_memory(self, refused_before):
+        # Streams held in memory since before ``refused_before`` go to the spool, in order,
+        # until it is full.
+        for stream, since in list(self._in_memory.items()):
+            if since <= refused_before:
+                if not self._spool_stream(stream):
+                    return
+                del self._in_memory[stream]
 
     def _pump_spool(self):
         # Oldest spooled batch first, record by record (compiled, no GIL), until the socket
@@ -624,12 +629,7 @@ class ZmqSink(Sink):
         if self.spool is not None:
             self._pump_spool()
             self._send_in_memory()
-            stale = time.monotonic() - MEMORY_TIER_S
-            for stream, since in list(self._in_memory.items()):
-                if since < stale:
-                    if not self._spool_stream(stream):
-                        break
-                    del self._in_memory[stream]
+            self._spool_in_memory(time.monotonic() - MEMORY_TIER_S)     # a lasting refusal
             return not self.spool_full
         return False
 
